@@ -1,0 +1,1 @@
+"""The composition root and command line: the one place that knows receiver, reconciler and storage."""

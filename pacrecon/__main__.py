@@ -1,0 +1,3 @@
+from pacrecon.cli import main
+
+raise SystemExit(main())

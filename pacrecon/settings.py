@@ -1,0 +1,100 @@
+"""Configuration: `PACRECON_*` environment variables (or a `.env` file), validated once
+into one frozen `Settings` object that is passed down explicitly."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "PACRECON_"
+SECRET_FIELDS = frozenset({"webhook_secrets", "pacspace_api_key", "admin_token", "api_token"})
+
+
+class ConfigurationError(Exception):
+    """One line naming each bad variable and what it should be; never a secret's value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", frozen=True, extra="ignore"
+    )
+
+    database_url: str = "sqlite:///pacrecon.db"
+    webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    webhook_tolerance_seconds: int = Field(300, ge=1, le=86_400)
+    max_body_bytes: int = Field(1_048_576, ge=1_024, le=64 * 1_048_576)
+    pacspace_base_url: str = "https://balance-api.pacspace.io"
+    pacspace_api_key: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    api_token: SecretStr | None = None
+    stale_after_seconds: int = Field(300, ge=1)
+    reconcile_interval_seconds: int = Field(60, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65_535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] | None = None  # None: console on a terminal, else JSON
+    sqlite_busy_timeout_ms: int = Field(5_000, ge=0, le=600_000)
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",")]
+            if any(not part for part in parts) and value.strip():
+                raise ValueError("comma-separated secrets must not be empty")
+            return tuple(part for part in parts if part)
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("pacspace_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            raise ValueError("is not a database URL (sqlite:///path or postgresql://user@host/db)") from None
+        if backend not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(f"names the backend {backend!r}; SQLite and PostgreSQL are supported")
+        return value
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redactor."""
+        values = [s.get_secret_value() for s in self.webhook_secrets]
+        for token in (self.pacspace_api_key, self.admin_token, self.api_token):
+            if token is not None:
+                values.append(token.get_secret_value())
+        return [v for v in values if v]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the configuration; `ConfigurationError` with one line otherwise."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        shown = "" if field in SECRET_FIELDS else f" (got {str(error.get('input'))[:60]!r})"
+        problems.append(f"{ENV_PREFIX}{field.upper()}: {message}{shown}")
+    return "; ".join(problems)

@@ -1,0 +1,1 @@
+"""The HTTP edge: PacSpace webhooks in, verified and recorded through `reconciler` and `storage`."""

@@ -1,0 +1,80 @@
+"""`POST /webhooks/pacspace`: verify, parse, record durably, then acknowledge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from receiver.body import read_limited_body
+from receiver.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_signature
+from reconciler.apply import record_event
+from reconciler.errors import InvalidEvent
+from reconciler.events import parse_event
+from storage.ledger import Ledger
+from storage.vocabulary import EventOutcome
+
+log = structlog.get_logger("pacrecon.webhook")
+
+
+@dataclass(frozen=True)
+class WebhookReceiver:
+    """What the webhook route needs; built once by the composition root."""
+
+    ledger: Ledger
+    secrets: Sequence[str]
+    tolerance_seconds: int
+    max_body_bytes: int
+    clock: Callable[[], float]
+
+    async def handle(self, request: Request) -> Response:
+        raw_body = await read_limited_body(request, self.max_body_bytes)
+        try:
+            signature_timestamp = verify_signature(
+                raw_body,
+                request.headers.get(SIGNATURE_HEADER),
+                request.headers.get(TIMESTAMP_HEADER),
+                secrets=self.secrets,
+                tolerance_seconds=self.tolerance_seconds,
+                now=self.clock(),
+            )
+            event = parse_event(raw_body)
+        except SignatureError as exc:
+            log.warning("webhook_rejected", reason=exc.code, client=_client(request))
+            raise
+        except InvalidEvent:
+            log.warning("webhook_rejected", reason="invalid_payload", client=_client(request))
+            raise
+        recorded = await self.ledger.transact(
+            partial(
+                record_event,
+                event=event,
+                raw_body=raw_body,
+                signature_timestamp=signature_timestamp,
+                now=datetime.fromtimestamp(self.clock(), UTC),
+            )
+        )
+        answer = "duplicate" if recorded.duplicate else "ignored" if recorded.outcome is EventOutcome.IGNORED else "recorded"
+        log.info(
+            "webhook",
+            event_id=event.event_id,
+            event_type=event.event_type,
+            anchor_id=recorded.anchor_id,
+            outcome=recorded.outcome.value if recorded.outcome else "duplicate",
+            discrepancies=sorted({f.kind.value for f in recorded.findings}) or None,
+        )
+        return JSONResponse({"status": answer})
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def webhook_routes(receiver: WebhookReceiver) -> list[Route]:
+    return [Route("/webhooks/pacspace", receiver.handle, methods=["POST"], name="pacspace_webhook")]

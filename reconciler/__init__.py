@@ -1,0 +1,1 @@
+"""Comparing what PacSpace claims with what we recorded, and acting on the gaps."""

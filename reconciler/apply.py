@@ -1,0 +1,191 @@
+"""Recording PacSpace's events and applying its claims to the ledger.
+
+Each function runs inside one ledger transaction (a `LedgerSession`); the caller
+commits. A claim that disagrees with our record opens discrepancies and leaves
+the record as it was: our record is never overwritten by PacSpace's word.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from reconciler.claims import ChainNeighbours, ClaimedStatus, DeltaClaim, Finding, compare
+from reconciler.events import PacSpaceEvent, parse_event
+from storage.models import Discrepancy, LocalDelta, WebhookEvent
+from storage.session import LedgerSession
+from storage.vocabulary import DeltaStatus, DetectedBy, EventOutcome, VerifiedBy
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording one event did."""
+
+    duplicate: bool
+    outcome: EventOutcome | None  # None for a duplicate: nothing was changed
+    anchor_id: str | None
+    delta_ids: tuple[int, ...] = ()
+    findings: tuple[Finding, ...] = ()
+
+
+def record_event(
+    session: LedgerSession,
+    event: PacSpaceEvent,
+    *,
+    raw_body: bytes,
+    signature_timestamp: int,
+    now: datetime,
+) -> Recorded:
+    """Store `event` exactly once and apply its claim to the matching local delta(s)."""
+    claim = event.claim
+    row = WebhookEvent(
+        event_id=event.event_id,
+        event_type=event.event_type,
+        raw_body=raw_body,
+        signature_timestamp=signature_timestamp,
+        received_at=now,
+        outcome=(EventOutcome.ORPHAN if claim else EventOutcome.IGNORED).value,
+        anchor_id=claim.anchor_id if claim else None,
+        item_hash=claim.content_hash if claim else None,
+        receipt_id=claim.receipt_id if claim else None,
+    )
+    stored = session.insert_event(row)
+    anchor_id = claim.anchor_id if claim else None
+    if stored is None:
+        return Recorded(duplicate=True, outcome=None, anchor_id=anchor_id)
+    if claim is None:
+        return Recorded(duplicate=False, outcome=EventOutcome.IGNORED, anchor_id=None)
+    return _apply_event(session, stored, claim, now)
+
+
+def register_deltas(session: LedgerSession, deltas: Iterable[LocalDelta], now: datetime) -> list[LocalDelta]:
+    """Add deltas PacSpace has accepted, then apply any orphan event waiting for them."""
+    added = [session.add_delta(delta) for delta in deltas]
+    waiting: dict[int, WebhookEvent] = {}
+    for delta in added:
+        for event in session.orphan_events_for(delta):
+            waiting.setdefault(event.id or 0, event)
+    for event in sorted(waiting.values(), key=lambda e: e.id or 0):
+        parsed = parse_event(event.raw_body)
+        if parsed.claim is not None:
+            _apply_event(session, event, parsed.claim, now)
+    return added
+
+
+def _apply_event(session: LedgerSession, event: WebhookEvent, claim: DeltaClaim, now: datetime) -> Recorded:
+    deltas = matching_deltas(session, claim)
+    if not deltas:
+        return Recorded(duplicate=False, outcome=EventOutcome.ORPHAN, anchor_id=claim.anchor_id)
+    findings: list[Finding] = []
+    for delta in deltas:
+        findings += apply_claim(session, delta, claim, now, event_id=event.event_id, by=VerifiedBy.WEBHOOK)
+    outcome = EventOutcome.DISCREPANCY if findings else EventOutcome.APPLIED
+    event.outcome = outcome.value
+    event.applied_at = now
+    return Recorded(
+        duplicate=False,
+        outcome=outcome,
+        anchor_id=claim.anchor_id,
+        delta_ids=tuple(d.id for d in deltas if d.id is not None),
+        findings=tuple(findings),
+    )
+
+
+def matching_deltas(session: LedgerSession, claim: DeltaClaim) -> list[LocalDelta]:
+    """Our deltas a claim speaks of: by anchor id (narrowed by item hash within a batch
+    anchor), else by the item's content hash, else by receipt id."""
+    if claim.anchor_id:
+        deltas = session.deltas_by_anchor(claim.anchor_id)
+        if claim.content_hash and len(deltas) > 1:
+            narrowed = [d for d in deltas if d.item_hash and d.item_hash.lower() == claim.content_hash.lower()]
+            deltas = narrowed or deltas  # none matches: compare all, each reports the mismatch
+        return deltas
+    if claim.content_hash:
+        return session.deltas_by_item_hash(claim.content_hash)
+    if claim.receipt_id:
+        return session.deltas_by_receipt(claim.receipt_id)
+    return []
+
+
+def apply_claim(
+    session: LedgerSession,
+    delta: LocalDelta,
+    claim: DeltaClaim,
+    now: datetime,
+    *,
+    event_id: str | None,
+    by: VerifiedBy,
+    run_id: int | None = None,
+) -> list[Finding]:
+    """Compare `claim` with `delta`; apply it when they agree, else open a discrepancy
+    per finding and leave `delta` untouched. Returns the findings."""
+    findings = compare(delta, claim, _chain_neighbours(session, delta, claim))
+    for finding in findings:
+        session.open_discrepancy(
+            Discrepancy(
+                kind=finding.kind.value,
+                subject=f"delta:{delta.id}",
+                delta_id=delta.id,
+                anchor_id=delta.anchor_id,
+                customer_id=delta.customer_id,
+                event_id=event_id,
+                run_id=run_id,
+                detected_by=(DetectedBy.WEBHOOK if by is VerifiedBy.WEBHOOK else DetectedBy.RECONCILER).value,
+                evidence=finding.evidence(),
+            ),
+            now,
+        )
+    if not findings:
+        _follow(delta, claim, now, by)
+    return findings
+
+
+def _follow(delta: LocalDelta, claim: DeltaClaim, now: datetime, by: VerifiedBy) -> None:
+    """Move `delta` to the claimed state; a terminal status is never left."""
+    status = DeltaStatus(delta.status)
+    if claim.status is ClaimedStatus.VERIFIED:
+        if status is not DeltaStatus.VERIFIED:
+            delta.status = DeltaStatus.VERIFIED.value
+            delta.verified_at = now
+            delta.verified_by = by.value
+        _fill(delta, claim)
+    elif claim.status is ClaimedStatus.FAILED:
+        if not status.is_terminal:
+            delta.status = DeltaStatus.FAILED.value
+            delta.failed_at = now
+            delta.status_reason = claim.error
+    elif claim.status is ClaimedStatus.PROCESSING and status in (DeltaStatus.PENDING, DeltaStatus.QUEUED):
+        delta.status = DeltaStatus.PROCESSING.value
+    else:
+        return
+    delta.updated_at = now
+
+
+def _fill(delta: LocalDelta, claim: DeltaClaim) -> None:
+    """Record what the verification adds; never replace a value we already hold."""
+    for attribute, value in (
+        ("receipt_id", claim.receipt_id),
+        ("items_root", claim.items_root),
+        ("tx_hash", claim.tx_hash),
+        ("sequence_number", claim.sequence_number),
+        ("previous_proof_hash", claim.previous_proof_hash),
+        ("verification_reference", claim.verification_reference),
+    ):
+        if value is not None and getattr(delta, attribute) is None:
+            setattr(delta, attribute, value)
+    if claim.item_hashes is not None and not delta.item_hashes:
+        delta.item_hashes = list(claim.item_hashes)
+
+
+def _chain_neighbours(session: LedgerSession, delta: LocalDelta, claim: DeltaClaim) -> ChainNeighbours:
+    sequence = claim.sequence_number
+    if claim.status is not ClaimedStatus.VERIFIED or sequence is None or not (sequence.isascii() and sequence.isdigit()):
+        return ChainNeighbours()
+    number = int(sequence)
+    previous = session.delta_by_sequence(delta.customer_id, str(number - 1)) if number > 0 else None
+    following = session.delta_by_sequence(delta.customer_id, str(number + 1))
+    return ChainNeighbours(
+        previous=previous if previous is not delta else None,
+        following=following if following is not delta else None,
+    )

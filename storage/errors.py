@@ -1,0 +1,29 @@
+"""Errors the ledger raises. Callers map them; nothing here knows about HTTP."""
+
+
+class StorageError(Exception):
+    """Base class of every error raised by `storage`."""
+
+
+class StorageUnavailable(StorageError):
+    """The database could not be reached or the transaction could not be committed.
+
+    Nothing of the failed transaction is durable; the caller may retry it.
+    """
+
+
+class SchemaNotCurrent(StorageError):
+    """The database schema is not at the revision this code needs."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        shown = current or "empty (no migrations applied)"
+        super().__init__(
+            f"database schema is at revision {shown}, this version needs {head}: "
+            "run `pacrecon migrate` first"
+        )
+
+
+class AmountOutOfRange(StorageError, ValueError):
+    """An amount the ledger cannot hold exactly."""

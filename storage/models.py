@@ -1,0 +1,145 @@
+"""The ledger's tables. Column names follow PacSpace's words (anchor_id, receipt_id, item_hash)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, text
+from sqlmodel import Field, SQLModel
+
+from storage.types import ExactAmount, UtcDateTime
+from storage.vocabulary import DiscrepancyStatus, UNSETTLED_STATUSES
+
+_UNSETTLED_SQL = text("status IN (%s)" % ", ".join(f"'{s.value}'" for s in UNSETTLED_STATUSES))
+_OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
+_ORPHAN_SQL = text("outcome = 'orphan'")
+
+
+def _time(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UtcDateTime(), nullable=nullable, index=index))
+
+
+class LocalDelta(SQLModel, table=True):
+    """One delta item we emitted (or imported), and what PacSpace has confirmed of it."""
+
+    __tablename__ = "local_delta"
+    __table_args__ = (
+        # "find stale unsettled deltas": a small partial index, so its cost follows
+        # the number of unsettled deltas and not the size of the ledger.
+        Index(
+            "ix_local_delta_unsettled",
+            "emitted_at",
+            "id",
+            sqlite_where=_UNSETTLED_SQL,
+            postgresql_where=_UNSETTLED_SQL,
+        ),
+        Index("ix_local_delta_customer_sequence", "customer_id", "sequence_number"),
+        Index("ix_local_delta_customer_id", "customer_id", "id"),
+        Index("ix_local_delta_status_id", "status", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    anchor_id: str | None = Field(default=None, max_length=128, index=True)
+    item_hash: str | None = Field(default=None, max_length=130, index=True)
+    customer_id: str = Field(max_length=128)
+    amount: Decimal = Field(sa_column=Column(ExactAmount(), nullable=False))
+    reason: str = Field(max_length=500)
+    reference_id: str | None = Field(default=None, max_length=256)
+    # "metadata" is reserved by SQLAlchemy's declarative base, hence the attribute name
+    delta_metadata: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
+    idempotency_key: str = Field(max_length=255, unique=True)
+    source: str = Field(max_length=16)
+    status: str = Field(max_length=16)
+    status_reason: str | None = Field(default=None, max_length=2000)
+    receipt_id: str | None = Field(default=None, max_length=130, index=True)
+    items_root: str | None = Field(default=None, max_length=130)
+    item_hashes: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    tx_hash: str | None = Field(default=None, max_length=130)
+    sequence_number: str | None = Field(default=None, max_length=64)
+    previous_proof_hash: str | None = Field(default=None, max_length=130)
+    verification_reference: str | None = Field(default=None, max_length=256)
+    verified_by: str | None = Field(default=None, max_length=16)
+    created_at: datetime = _time(nullable=False)
+    emitted_at: datetime | None = _time()  # PacSpace's receivedAt, or when we got the answer
+    verified_at: datetime | None = _time()
+    failed_at: datetime | None = _time()
+    updated_at: datetime = _time(nullable=False)
+
+
+class WebhookEvent(SQLModel, table=True):
+    """A genuine PacSpace webhook, exactly once per event id, with its raw signed body."""
+
+    __tablename__ = "webhook_event"
+    __table_args__ = (
+        Index("ix_webhook_event_orphan_anchor", "anchor_id", sqlite_where=_ORPHAN_SQL, postgresql_where=_ORPHAN_SQL),
+        Index("ix_webhook_event_orphan_item", "item_hash", sqlite_where=_ORPHAN_SQL, postgresql_where=_ORPHAN_SQL),
+        Index("ix_webhook_event_orphan_receipt", "receipt_id", sqlite_where=_ORPHAN_SQL, postgresql_where=_ORPHAN_SQL),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    # the envelope id, or "sha256:<hex of the raw body>" when the body has none
+    event_id: str = Field(max_length=255, sa_column_kwargs={"unique": True, "nullable": False})
+    event_type: str = Field(max_length=128)
+    raw_body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # seconds since the epoch, from X-PacSpace-Timestamp
+    signature_timestamp: int = Field(sa_column=Column(BigInteger, nullable=False))
+    received_at: datetime = _time(nullable=False, index=True)
+    outcome: str = Field(max_length=16)
+    anchor_id: str | None = Field(default=None, max_length=128)
+    item_hash: str | None = Field(default=None, max_length=130)
+    receipt_id: str | None = Field(default=None, max_length=130)
+    applied_at: datetime | None = _time()
+
+
+class Discrepancy(SQLModel, table=True):
+    """A gap between our record and PacSpace's, open until fixed or resolved by a person."""
+
+    __tablename__ = "discrepancy"
+    __table_args__ = (
+        # one open discrepancy per kind and subject: a second sighting updates it
+        Index(
+            "ux_discrepancy_open_subject",
+            "kind",
+            "subject",
+            unique=True,
+            sqlite_where=_OPEN_SQL,
+            postgresql_where=_OPEN_SQL,
+        ),
+        Index("ix_discrepancy_status_kind", "status", "kind", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32)
+    status: str = Field(max_length=16)
+    subject: str = Field(max_length=300)  # "delta:<id>", "event:<event id>", …
+    delta_id: int | None = Field(default=None, foreign_key="local_delta.id", index=True)
+    anchor_id: str | None = Field(default=None, max_length=128)
+    customer_id: str | None = Field(default=None, max_length=128)
+    event_id: str | None = Field(default=None, max_length=255)
+    run_id: int | None = Field(default=None, foreign_key="reconciliation_run.id")
+    detected_by: str = Field(max_length=16)
+    evidence: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    occurrences: int = 1
+    first_seen_at: datetime = _time(nullable=False)
+    last_seen_at: datetime = _time(nullable=False)
+    resolved_at: datetime | None = _time()
+    resolution_note: str | None = Field(default=None, max_length=2000)
+
+
+class ReconciliationRun(SQLModel, table=True):
+    """One reconciliation pass: when, how much it checked and fixed, what it found."""
+
+    __tablename__ = "reconciliation_run"
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: str = Field(max_length=16)
+    dry_run: bool = False
+    started_at: datetime = _time(nullable=False, index=True)
+    finished_at: datetime | None = _time()
+    checked: int = 0
+    fixed: int = 0
+    errors: int = 0
+    found: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error_detail: str | None = Field(default=None, max_length=4000)

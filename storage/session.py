@@ -1,0 +1,154 @@
+"""`LedgerSession`: what work inside one ledger transaction may read and write."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, or_, select, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from storage.models import Discrepancy, LocalDelta, WebhookEvent
+from storage.types import combine_exact_sum, exact_sum_parts
+from storage.vocabulary import DiscrepancyStatus, EventOutcome
+
+
+class LedgerSession:
+    """Repository over one open transaction. It never commits: the ledger does.
+
+    Methods return table rows attached to the transaction; changes made to them
+    are written when the ledger commits the work.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._dialect = session.get_bind().dialect.name
+
+    @property
+    def dialect(self) -> str:
+        return self._dialect
+
+    def _insert(self, model: type[Any]) -> Any:
+        return (sqlite_insert if self._dialect == "sqlite" else postgresql_insert)(model)
+
+    # -- webhook events -------------------------------------------------------
+
+    def insert_event(self, event: WebhookEvent) -> WebhookEvent | None:
+        """Insert `event` unless its event id is known: the stored row, or None for a duplicate.
+
+        Safe against a concurrent insert of the same id in another transaction or
+        process: the unique constraint decides, and the loser gets None.
+        """
+        values = {c.name: getattr(event, c.name) for c in WebhookEvent.__table__.columns if c.name != "id"}
+        statement = (
+            self._insert(WebhookEvent)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(WebhookEvent.__table__.c.id)
+        )
+        inserted_id = self._session.execute(statement).scalar_one_or_none()
+        return None if inserted_id is None else self._session.get(WebhookEvent, inserted_id)
+
+    def get_event(self, event_id: str) -> WebhookEvent | None:
+        return self._session.scalars(select(WebhookEvent).where(WebhookEvent.event_id == event_id)).first()
+
+    def orphan_events_for(self, delta: LocalDelta) -> list[WebhookEvent]:
+        """Orphan events that name this delta's anchor id, item hash or receipt id, oldest first."""
+        keys = []
+        if delta.anchor_id:
+            keys.append(WebhookEvent.anchor_id == delta.anchor_id)
+        if delta.item_hash:
+            keys.append(WebhookEvent.item_hash == delta.item_hash)
+        if delta.receipt_id:
+            keys.append(WebhookEvent.receipt_id == delta.receipt_id)
+        if not keys:
+            return []
+        statement = (
+            select(WebhookEvent)
+            .where(text("outcome = 'orphan'"), or_(*keys))
+            .order_by(WebhookEvent.id)
+        )
+        return list(self._session.scalars(statement))
+
+    # -- local deltas ---------------------------------------------------------
+
+    def add_delta(self, delta: LocalDelta) -> LocalDelta:
+        self._session.add(delta)
+        self._session.flush()
+        return delta
+
+    def get_delta(self, delta_id: int) -> LocalDelta | None:
+        return self._session.get(LocalDelta, delta_id)
+
+    def deltas_by_anchor(self, anchor_id: str) -> list[LocalDelta]:
+        return self._deltas_where(LocalDelta.anchor_id == anchor_id)
+
+    def deltas_by_item_hash(self, item_hash: str) -> list[LocalDelta]:
+        return self._deltas_where(LocalDelta.item_hash == item_hash)
+
+    def deltas_by_receipt(self, receipt_id: str) -> list[LocalDelta]:
+        return self._deltas_where(LocalDelta.receipt_id == receipt_id)
+
+    def delta_by_sequence(self, customer_id: str, sequence_number: str) -> LocalDelta | None:
+        statement = select(LocalDelta).where(
+            LocalDelta.customer_id == customer_id, LocalDelta.sequence_number == sequence_number
+        )
+        return self._session.scalars(statement.limit(1)).first()
+
+    def _deltas_where(self, condition: Any) -> list[LocalDelta]:
+        return list(self._session.scalars(select(LocalDelta).where(condition).order_by(LocalDelta.id)))
+
+    def totals_by_status(self) -> dict[str, tuple[int, Decimal]]:
+        """Per status: how many deltas, and the exact sum of their amounts."""
+        parts = exact_sum_parts(LocalDelta.__table__.c.amount, self._dialect)
+        statement = select(LocalDelta.status, func.count(), *parts).group_by(LocalDelta.status)
+        return {
+            row[0]: (int(row[1]), combine_exact_sum(list(row[2:]), self._dialect))
+            for row in self._session.execute(statement)
+        }
+
+    # -- discrepancies --------------------------------------------------------
+
+    def open_discrepancy(self, finding: Discrepancy, now: datetime) -> int:
+        """Open `finding`, or, when one of its kind and subject is open already, count
+        one more sighting and keep the newest evidence. Returns the open row's id.
+
+        Idempotent under concurrency: the partial unique index on open rows decides.
+        """
+        values = {
+            c.name: getattr(finding, c.name)
+            for c in Discrepancy.__table__.columns
+            if c.name not in ("id",)
+        }
+        values.update(status=DiscrepancyStatus.OPEN.value, occurrences=1, first_seen_at=now, last_seen_at=now)
+        table = Discrepancy.__table__
+        statement = self._insert(Discrepancy).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[table.c.kind, table.c.subject],
+            index_where=text(f"status = '{DiscrepancyStatus.OPEN.value}'"),
+            set_={
+                "occurrences": table.c.occurrences + 1,
+                "last_seen_at": statement.excluded.last_seen_at,
+                "evidence": statement.excluded.evidence,
+                "event_id": func.coalesce(statement.excluded.event_id, table.c.event_id),
+                "run_id": func.coalesce(statement.excluded.run_id, table.c.run_id),
+            },
+        ).returning(table.c.id)
+        return int(self._session.execute(statement).scalar_one())
+
+    def open_discrepancies(self, subject: str | None = None) -> list[Discrepancy]:
+        statement = select(Discrepancy).where(Discrepancy.status == DiscrepancyStatus.OPEN.value)
+        if subject is not None:
+            statement = statement.where(Discrepancy.subject == subject)
+        return list(self._session.scalars(statement.order_by(Discrepancy.id)))
+
+    # -- events, counted -------------------------------------------------------
+
+    def count_events(self, outcome: EventOutcome | None = None) -> int:
+        statement = select(func.count()).select_from(WebhookEvent)
+        if outcome is not None:
+            statement = statement.where(WebhookEvent.outcome == outcome.value)
+        return int(self._session.execute(statement).scalar_one())

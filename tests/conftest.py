@@ -1,0 +1,73 @@
+"""Fixtures: real SQLite files and a real PostgreSQL database of this run's own."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from storage.engine import make_engine
+from storage.schema import upgrade_to_head
+from storage.sql_ledger import SqlLedger
+
+POSTGRES_ENV = "PACRECON_TEST_DATABASE_URL"
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database created for this test run on the server PACRECON_TEST_DATABASE_URL
+    names, migrated to head, and dropped at the end."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        pytest.skip(f"{POSTGRES_ENV} is not set: no PostgreSQL server to test against")
+    name = f"pacrecon_test_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(admin_url).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _empty_postgres(url: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text("TRUNCATE discrepancy, webhook_event, local_delta, reconciliation_run RESTART IDENTITY CASCADE")
+        )
+    engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated, empty ledger database: a new SQLite file, or the run's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'pacrecon.db'}"
+        engine = make_engine(url)
+        upgrade_to_head(engine)
+        engine.dispose()
+        return url
+    url = request.getfixturevalue("postgres_url")
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
+def ledger(database_url: str) -> Iterator[SqlLedger]:
+    opened = SqlLedger.from_url(database_url)
+    try:
+        yield opened
+    finally:
+        opened.close()

@@ -1,0 +1,274 @@
+"""The ledger on real SQLite files and a real PostgreSQL database: exact money,
+exactly-once events, idempotent discrepancies, migrations, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
+from sqlmodel import SQLModel
+
+from storage.engine import make_engine
+from storage.errors import AmountOutOfRange, SchemaNotCurrent, StorageUnavailable
+from storage.models import Discrepancy, LocalDelta, WebhookEvent
+from storage.schema import alembic_config, current_revision, head_revision
+from storage.session import LedgerSession
+from storage.sql_ledger import SqlLedger
+from storage.vocabulary import DeltaStatus, DiscrepancyKind
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def new_delta(n: int, amount: Decimal, status: DeltaStatus = DeltaStatus.QUEUED, **fields: object) -> LocalDelta:
+    values: dict[str, object] = dict(
+        anchor_id=f"a_{n}",
+        item_hash=f"0x{n:064x}",
+        customer_id=f"cust_{n % 7}",
+        amount=amount,
+        reason="test",
+        idempotency_key=f"key_{n}",
+        source="outbox",
+        status=status.value,
+        created_at=NOW,
+        updated_at=NOW,
+        emitted_at=NOW,
+    )
+    values.update(fields)
+    return LocalDelta(**values)
+
+
+def add_deltas(ledger: SqlLedger, deltas: list[LocalDelta]) -> None:
+    def work(session: LedgerSession) -> None:
+        for delta in deltas:
+            session.add_delta(delta)
+
+    ledger.transact_sync(work)
+
+
+@pytest.mark.parametrize(
+    "amount",
+    ["-42.50", "0.000000001", "-0.000000001", "999999999.999999999", "-1000000000", "1", "0.1", "123456789.123456789"],
+)
+def test_amounts_round_trip_exactly(ledger: SqlLedger, amount: str) -> None:
+    add_deltas(ledger, [new_delta(1, Decimal(amount))])
+    stored = ledger.read_sync(lambda s: s.get_delta(1))
+    assert stored is not None and isinstance(stored.amount, Decimal)
+    assert stored.amount == Decimal(amount)
+
+
+def test_amounts_keep_their_value_not_float_noise(ledger: SqlLedger) -> None:
+    add_deltas(ledger, [new_delta(1, Decimal("-42.50"))])
+    stored = ledger.read_sync(lambda s: s.get_delta(1))
+    assert stored is not None and str(stored.amount) == "-42.5"
+
+
+@pytest.mark.parametrize("amount", ["0.0000000001", "10000000000", "NaN", "Infinity"])
+def test_amounts_the_ledger_cannot_hold_exactly_are_refused(ledger: SqlLedger, amount: str) -> None:
+    with pytest.raises(AmountOutOfRange):
+        add_deltas(ledger, [new_delta(1, Decimal(amount))])
+    assert ledger.read_sync(lambda s: s.get_delta(1)) is None  # the failed work left nothing
+
+
+def test_sum_of_100000_deltas_of_one_tenth_is_exactly_10000(ledger: SqlLedger) -> None:
+    tenth = Decimal("0.1")
+
+    def work(session: LedgerSession) -> None:
+        rows = [
+            {
+                "customer_id": "cust",
+                "amount": tenth,
+                "reason": "tenth",
+                "idempotency_key": f"k{n}",
+                "source": "import",
+                "status": "VERIFIED",
+                "created_at": NOW,
+                "updated_at": NOW,
+            }
+            for n in range(100_000)
+        ]
+        session._session.execute(LocalDelta.__table__.insert(), rows)
+
+    ledger.transact_sync(work)
+    totals = ledger.read_sync(lambda s: s.totals_by_status())
+    assert totals == {"VERIFIED": (100_000, Decimal("10000"))}
+    assert str(totals["VERIFIED"][1]) == "10000"
+
+
+def test_sums_are_exact_with_negatives_and_beyond_64_bit_units(ledger: SqlLedger) -> None:
+    # 30 x 999,999,999.999999999 is ~3e19 units of 1e-9: past a signed 64-bit integer
+    big = Decimal("999999999.999999999")
+    deltas = [new_delta(n, big) for n in range(30)] + [new_delta(100 + n, Decimal("-0.000000003")) for n in range(5)]
+    deltas += [new_delta(200, Decimal("-1.5"), DeltaStatus.FAILED), new_delta(201, Decimal("-2.25"), DeltaStatus.FAILED)]
+    add_deltas(ledger, deltas)
+    totals = ledger.read_sync(lambda s: s.totals_by_status())
+    assert totals["QUEUED"] == (35, big * 30 + Decimal("-0.000000015"))
+    assert totals["FAILED"] == (2, Decimal("-3.75"))
+
+
+def _event(event_id: str) -> WebhookEvent:
+    return WebhookEvent(
+        event_id=event_id,
+        event_type="delta.verified",
+        raw_body=b'{"id": "x"}',
+        signature_timestamp=1_800_000_000,
+        received_at=NOW,
+        outcome="orphan",
+        anchor_id="a_1",
+    )
+
+
+def test_an_event_id_is_stored_once(ledger: SqlLedger) -> None:
+    assert ledger.transact_sync(lambda s: s.insert_event(_event("evt_1"))) is not None
+    assert ledger.transact_sync(lambda s: s.insert_event(_event("evt_1"))) is None
+    assert ledger.read_sync(lambda s: s.count_events()) == 1
+    stored = ledger.read_sync(lambda s: s.get_event("evt_1"))
+    assert stored is not None and stored.raw_body == b'{"id": "x"}' and stored.received_at == NOW
+
+
+def test_the_same_event_from_two_ledgers_at_once_is_stored_once(database_url: str) -> None:
+    """Two daemons (two engines, two writer threads) race on one database."""
+    ledgers = [SqlLedger.from_url(database_url) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    results: list[object] = []
+
+    def race(ledger: SqlLedger) -> None:
+        def work(session: LedgerSession) -> bool:
+            return session.insert_event(_event("evt_race")) is not None
+
+        barrier.wait()
+        try:
+            results.append(ledger.transact_sync(work))
+        except StorageUnavailable as exc:  # SQLite: the loser may time out on the lock, never double-insert
+            results.append(exc)
+
+    threads = [threading.Thread(target=race, args=(ledger,)) for ledger in ledgers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert results.count(True) == 1
+        assert ledgers[0].read_sync(lambda s: s.count_events()) == 1
+    finally:
+        for ledger in ledgers:
+            ledger.close()
+
+
+def test_a_second_sighting_updates_the_open_discrepancy(ledger: SqlLedger) -> None:
+    add_deltas(ledger, [new_delta(1, Decimal(1))])
+
+    def finding(theirs: str) -> Discrepancy:
+        return Discrepancy(
+            kind=DiscrepancyKind.RECEIPT_MISMATCH.value,
+            subject="delta:1",
+            delta_id=1,
+            detected_by="webhook",
+            evidence={"ours": "0xa", "theirs": theirs},
+        )
+
+    first = ledger.transact_sync(lambda s: s.open_discrepancy(finding("0xb"), NOW))
+    second = ledger.transact_sync(lambda s: s.open_discrepancy(finding("0xc"), NOW.replace(hour=13)))
+    assert first == second
+    rows = ledger.read_sync(lambda s: s.open_discrepancies())
+    assert len(rows) == 1
+    assert (rows[0].occurrences, rows[0].evidence["theirs"], rows[0].first_seen_at, rows[0].last_seen_at) == (
+        2,
+        "0xc",
+        NOW,
+        NOW.replace(hour=13),
+    )
+
+
+def test_a_resolved_discrepancy_does_not_absorb_a_new_one(ledger: SqlLedger) -> None:
+    add_deltas(ledger, [new_delta(1, Decimal(1))])
+    item = Discrepancy(kind="stuck", subject="delta:1", delta_id=1, detected_by="reconciler", evidence={})
+    first = ledger.transact_sync(lambda s: s.open_discrepancy(item, NOW))
+
+    def resolve(session: LedgerSession) -> None:
+        session.open_discrepancies()[0].status = "resolved"
+
+    ledger.transact_sync(resolve)
+    second = ledger.transact_sync(lambda s: s.open_discrepancy(item, NOW))
+    assert second != first
+
+
+def test_group_commit_isolates_a_failing_job(ledger: SqlLedger) -> None:
+    """Many concurrent jobs share commits; one job's failure undoes only its own writes."""
+
+    async def run() -> list[object]:
+        def good(n: int):
+            return lambda s: s.add_delta(new_delta(n, Decimal(n))).id
+
+        def bad(session: LedgerSession) -> None:
+            session.add_delta(new_delta(999, Decimal(1)))
+            raise ValueError("this job fails after writing")
+
+        jobs = [ledger.transact(good(n)) for n in range(1, 50)] + [ledger.transact(bad)]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results[-1], ValueError)
+    assert all(isinstance(r, int) for r in results[:-1])
+    count = ledger.read_sync(lambda s: s.totals_by_status())["QUEUED"][0]
+    assert count == 49
+
+
+def test_a_duplicate_key_in_one_job_leaves_the_others(ledger: SqlLedger) -> None:
+    add_deltas(ledger, [new_delta(1, Decimal(1))])
+
+    async def run() -> list[object]:
+        clash = ledger.transact(lambda s: s.add_delta(new_delta(1, Decimal(1))))  # same idempotency key
+        fine = ledger.transact(lambda s: s.add_delta(new_delta(2, Decimal(2))).id)
+        return await asyncio.gather(clash, fine, return_exceptions=True)
+
+    clash, fine = asyncio.run(run())
+    assert "UNIQUE" in str(clash).upper() or "unique" in str(clash)
+    assert isinstance(fine, int)
+
+
+def test_migrations_build_exactly_the_models(database_url: str) -> None:
+    engine = make_engine(database_url)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), SQLModel.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_check_schema_refuses_a_schema_behind_head(tmp_path) -> None:
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    ledger = SqlLedger.from_url(url)
+    try:
+        with pytest.raises(SchemaNotCurrent, match="run `pacrecon migrate`"):
+            ledger.check_schema()
+        command.upgrade(alembic_config(ledger.engine), "head")
+        assert ledger.check_schema() == head_revision() == current_revision(ledger.engine)
+    finally:
+        ledger.close()
+
+
+def test_sqlite_is_durable_on_commit(tmp_path) -> None:
+    ledger = SqlLedger.from_url(f"sqlite:///{tmp_path / 'd.db'}")
+    try:
+        with ledger.engine.connect() as connection:
+            pragmas = {
+                name: connection.execute(text(f"PRAGMA {name}")).scalar()
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+    finally:
+        ledger.close()
+    assert pragmas == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 5000}
+
+
+def test_a_closed_ledger_refuses_work(tmp_path) -> None:
+    ledger = SqlLedger.from_url(f"sqlite:///{tmp_path / 'c.db'}")
+    ledger.close()
+    with pytest.raises(StorageUnavailable, match="closed"):
+        ledger.transact_sync(lambda s: None)
