@@ -18,7 +18,7 @@ from storage.sql_ledger import SqlLedger
 
 
 def open_ledger(settings: Settings) -> SqlLedger:
-    return SqlLedger.from_url(settings.database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    return SqlLedger.from_url(settings.database_url, lock_timeout_ms=settings.lock_timeout_ms)
 
 
 def create_app(settings: Settings, ledger: Ledger, clock: Callable[[], float] = time.time) -> Starlette:

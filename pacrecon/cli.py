@@ -52,10 +52,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
-    import uvicorn
-
     from pacrecon.app import create_app, open_ledger
     from pacrecon.logs import configure_logging
+    from pacrecon.server import serve_app
     from storage.errors import SchemaNotCurrent, StorageUnavailable
 
     if not settings.webhook_secrets:
@@ -71,16 +70,7 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
         ledger.close()
         print(f"pacrecon: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    config = uvicorn.Config(
-        create_app(settings, ledger),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # ours: structlog, JSON or console
-        server_header=False,
-        timeout_graceful_shutdown=30,
-        lifespan="on",
-    )
-    uvicorn.Server(config).run()
+    serve_app(create_app(settings, ledger), settings.host, settings.port)
     return 0
 
 

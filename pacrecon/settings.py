@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] | None = None  # None: console on a terminal, else JSON
-    sqlite_busy_timeout_ms: int = Field(5_000, ge=0, le=600_000)
+    lock_timeout_ms: int = Field(5_000, ge=1, le=600_000)
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod

@@ -122,12 +122,13 @@ def apply_claim(
     per finding and leave `delta` untouched. Returns the findings."""
     findings = compare(delta, claim, _chain_neighbours(session, delta, claim))
     for finding in findings:
+        subject_id = finding.other_delta_id or delta.id
         session.open_discrepancy(
             Discrepancy(
                 kind=finding.kind.value,
-                subject=f"delta:{delta.id}",
-                delta_id=delta.id,
-                anchor_id=delta.anchor_id,
+                subject=f"delta:{subject_id}",
+                delta_id=subject_id,
+                anchor_id=delta.anchor_id if finding.other_delta_id is None else None,
                 customer_id=delta.customer_id,
                 event_id=event_id,
                 run_id=run_id,
@@ -136,7 +137,7 @@ def apply_claim(
             ),
             now,
         )
-    if not findings:
+    if not any(finding.other_delta_id is None for finding in findings):
         _follow(delta, claim, now, by)
     return findings
 

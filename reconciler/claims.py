@@ -62,6 +62,9 @@ class Finding:
     theirs: str | None
     detail: str
     extra: dict[str, str] = field(default_factory=dict)
+    # set when the finding is about another of our deltas (the chain's next link):
+    # it is recorded against that delta and does not hold back the compared one
+    other_delta_id: int | None = None
 
     def evidence(self) -> dict[str, str | None]:
         return {"field": self.field, "ours": self.ours, "theirs": self.theirs, "detail": self.detail, **self.extra}
@@ -205,7 +208,8 @@ def _chain_findings(delta: LocalDelta, claim: DeltaClaim, chain: ChainNeighbours
                     receipt,
                     following.previous_proof_hash,
                     f"the customer's next verified delta (id {following.id}) does not link to this proof",
-                    {"following_delta_id": str(following.id)},
+                    {"preceding_delta_id": str(delta.id)},
+                    other_delta_id=following.id,
                 )
             )
     return findings

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
-SQLITE_BUSY_TIMEOUT_MS = 5000
+LOCK_TIMEOUT_MS = 5000
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -18,11 +18,20 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
+def make_engine(url: str | URL, *, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> Engine:
+    """An engine whose statements give up after `lock_timeout_ms` waiting for a lock
+    (SQLite's busy timeout, PostgreSQL's lock_timeout) instead of hanging a request."""
     parsed = normalise_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed, sqlite_busy_timeout_ms)
-    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10)
+        return _sqlite_engine(parsed, lock_timeout_ms)
+    return create_engine(
+        parsed,
+        pool_pre_ping=True,  # a connection the server dropped is replaced, not handed out
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=10,
+        connect_args={"options": f"-c lock_timeout={int(lock_timeout_ms)}", "connect_timeout": 10},
+    )
 
 
 def _sqlite_engine(url: URL, busy_timeout_ms: int) -> Engine:

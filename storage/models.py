@@ -12,9 +12,11 @@ from sqlmodel import Field, SQLModel
 from storage.types import ExactAmount, UtcDateTime
 from storage.vocabulary import DiscrepancyStatus, UNSETTLED_STATUSES
 
-_UNSETTLED_SQL = text("status IN (%s)" % ", ".join(f"'{s.value}'" for s in UNSETTLED_STATUSES))
+# Queries repeat these predicates word for word: SQLite uses a partial index only
+# when the query's WHERE visibly implies the index's, and bound parameters do not.
+UNSETTLED_PREDICATE = text("status IN (%s)" % ", ".join(f"'{s.value}'" for s in UNSETTLED_STATUSES))
+ORPHAN_PREDICATE = text("outcome = 'orphan'")
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
-_ORPHAN_SQL = text("outcome = 'orphan'")
 
 
 def _time(nullable: bool = True, index: bool = False) -> Any:
@@ -32,12 +34,11 @@ class LocalDelta(SQLModel, table=True):
             "ix_local_delta_unsettled",
             "emitted_at",
             "id",
-            sqlite_where=_UNSETTLED_SQL,
-            postgresql_where=_UNSETTLED_SQL,
+            sqlite_where=UNSETTLED_PREDICATE,
+            postgresql_where=UNSETTLED_PREDICATE,
         ),
         Index("ix_local_delta_customer_sequence", "customer_id", "sequence_number"),
         Index("ix_local_delta_customer_id", "customer_id", "id"),
-        Index("ix_local_delta_status_id", "status", "id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -73,9 +74,9 @@ class WebhookEvent(SQLModel, table=True):
 
     __tablename__ = "webhook_event"
     __table_args__ = (
-        Index("ix_webhook_event_orphan_anchor", "anchor_id", sqlite_where=_ORPHAN_SQL, postgresql_where=_ORPHAN_SQL),
-        Index("ix_webhook_event_orphan_item", "item_hash", sqlite_where=_ORPHAN_SQL, postgresql_where=_ORPHAN_SQL),
-        Index("ix_webhook_event_orphan_receipt", "receipt_id", sqlite_where=_ORPHAN_SQL, postgresql_where=_ORPHAN_SQL),
+        Index("ix_webhook_event_orphan_anchor", "anchor_id", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
+        Index("ix_webhook_event_orphan_item", "item_hash", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
+        Index("ix_webhook_event_orphan_receipt", "receipt_id", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
     )
 
     id: int | None = Field(default=None, primary_key=True)

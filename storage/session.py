@@ -6,12 +6,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.models import Discrepancy, LocalDelta, WebhookEvent
+from storage.models import ORPHAN_PREDICATE, UNSETTLED_PREDICATE, Discrepancy, LocalDelta, WebhookEvent
 from storage.types import combine_exact_sum, exact_sum_parts
 from storage.vocabulary import DiscrepancyStatus, EventOutcome
 
@@ -57,21 +57,17 @@ class LedgerSession:
 
     def orphan_events_for(self, delta: LocalDelta) -> list[WebhookEvent]:
         """Orphan events that name this delta's anchor id, item hash or receipt id, oldest first."""
-        keys = []
-        if delta.anchor_id:
-            keys.append(WebhookEvent.anchor_id == delta.anchor_id)
-        if delta.item_hash:
-            keys.append(WebhookEvent.item_hash == delta.item_hash)
-        if delta.receipt_id:
-            keys.append(WebhookEvent.receipt_id == delta.receipt_id)
-        if not keys:
-            return []
-        statement = (
-            select(WebhookEvent)
-            .where(text("outcome = 'orphan'"), or_(*keys))
-            .order_by(WebhookEvent.id)
-        )
-        return list(self._session.scalars(statement))
+        found: dict[int, WebhookEvent] = {}
+        # one index-backed query per key: an OR across three partial indexes is a scan
+        for column, value in (
+            (WebhookEvent.anchor_id, delta.anchor_id),
+            (WebhookEvent.item_hash, delta.item_hash),
+            (WebhookEvent.receipt_id, delta.receipt_id),
+        ):
+            if value:
+                statement = select(WebhookEvent).where(ORPHAN_PREDICATE, column == value)
+                found.update((event.id, event) for event in self._session.scalars(statement) if event.id is not None)
+        return [found[key] for key in sorted(found)]
 
     # -- local deltas ---------------------------------------------------------
 
@@ -100,6 +96,22 @@ class LedgerSession:
 
     def _deltas_where(self, condition: Any) -> list[LocalDelta]:
         return list(self._session.scalars(select(LocalDelta).where(condition).order_by(LocalDelta.id)))
+
+    def unsettled_deltas(self, emitted_before: datetime, after: tuple[datetime, int] | None, limit: int) -> list[LocalDelta]:
+        """One page of QUEUED/PROCESSING deltas emitted before `emitted_before`, oldest
+        first, after the keyset `(emitted_at, id)` of the previous page's last row.
+
+        Served by the partial index `ix_local_delta_unsettled`: its cost follows the
+        number of unsettled deltas, not the size of the ledger.
+        """
+        statement = select(LocalDelta).where(
+            UNSETTLED_PREDICATE,
+            LocalDelta.emitted_at < emitted_before,  # type: ignore[operator]
+        )
+        if after is not None:
+            statement = statement.where(tuple_(LocalDelta.emitted_at, LocalDelta.id) > tuple_(*after))
+        statement = statement.order_by(LocalDelta.emitted_at, LocalDelta.id).limit(limit)  # type: ignore[arg-type]
+        return list(self._session.scalars(statement))
 
     def totals_by_status(self) -> dict[str, tuple[int, Decimal]]:
         """Per status: how many deltas, and the exact sum of their amounts."""

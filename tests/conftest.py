@@ -41,7 +41,7 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-def _empty_postgres(url: str) -> None:
+def empty_postgres(url: str) -> None:
     engine = make_engine(url)
     with engine.begin() as connection:
         connection.execute(
@@ -60,7 +60,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         engine.dispose()
         return url
     url = request.getfixturevalue("postgres_url")
-    _empty_postgres(url)
+    empty_postgres(url)
     return url
 
 

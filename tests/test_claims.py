@@ -112,6 +112,7 @@ def test_chain_link_from_the_following_verified_delta() -> None:
     following = delta(id=9, previous_proof_hash="0xsomething-else")
     findings = compare(delta(), AGREEING, ChainNeighbours(following=following))
     assert kinds(findings) == [DiscrepancyKind.CHAIN_BROKEN]
+    assert findings[0].other_delta_id == 9  # the broken link is the following delta's
     assert compare(delta(), AGREEING, ChainNeighbours(following=delta(id=9, previous_proof_hash="0xroot"))) == []
 
 

@@ -55,7 +55,6 @@ def upgrade() -> None:
         batch_op.create_index('ix_local_delta_customer_sequence', ['customer_id', 'sequence_number'], unique=False)
         batch_op.create_index(batch_op.f('ix_local_delta_item_hash'), ['item_hash'], unique=False)
         batch_op.create_index(batch_op.f('ix_local_delta_receipt_id'), ['receipt_id'], unique=False)
-        batch_op.create_index('ix_local_delta_status_id', ['status', 'id'], unique=False)
         batch_op.create_index('ix_local_delta_unsettled', ['emitted_at', 'id'], unique=False, sqlite_where=sa.text("status IN ('QUEUED', 'PROCESSING')"), postgresql_where=sa.text("status IN ('QUEUED', 'PROCESSING')"))
 
     op.create_table('reconciliation_run',
@@ -143,7 +142,6 @@ def downgrade() -> None:
     op.drop_table('reconciliation_run')
     with op.batch_alter_table('local_delta', schema=None) as batch_op:
         batch_op.drop_index('ix_local_delta_unsettled', sqlite_where=sa.text("status IN ('QUEUED', 'PROCESSING')"), postgresql_where=sa.text("status IN ('QUEUED', 'PROCESSING')"))
-        batch_op.drop_index('ix_local_delta_status_id')
         batch_op.drop_index(batch_op.f('ix_local_delta_receipt_id'))
         batch_op.drop_index(batch_op.f('ix_local_delta_item_hash'))
         batch_op.drop_index('ix_local_delta_customer_sequence')
