@@ -120,10 +120,27 @@ def test_a_genuine_body_that_is_no_json_object_is_400(daemon: Daemon, body: byte
 
 
 def _raw_exchange(daemon: Daemon, head: bytes, body_part: bytes) -> bytes:
+    """Send raw bytes; return the whole response (headers and Content-Length body), or
+    what arrived before the server closed the connection."""
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as connection:
         connection.sendall(head + body_part)
-        connection.settimeout(10)
-        return connection.recv(65536)
+        answer = b""
+        while True:
+            try:
+                chunk = connection.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                return answer
+            if not chunk:
+                return answer
+            answer += chunk
+            headers, separator, body = answer.partition(b"\r\n\r\n")
+            if separator:
+                length = next(
+                    (int(line.split(b":", 1)[1]) for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                    0,
+                )
+                if len(body) >= length:
+                    return answer
 
 
 def test_a_declared_oversized_body_is_refused_before_it_is_sent(daemon: Daemon) -> None:
