@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -50,15 +51,20 @@ def empty_postgres(url: str) -> None:
     engine.dispose()
 
 
+def migrated_sqlite_url(path: Path) -> str:
+    """A new SQLite ledger file at `path`, migrated to head."""
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    return url
+
+
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated, empty ledger database: a new SQLite file, or the run's PostgreSQL database emptied."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'pacrecon.db'}"
-        engine = make_engine(url)
-        upgrade_to_head(engine)
-        engine.dispose()
-        return url
+        return migrated_sqlite_url(tmp_path_factory.mktemp("ledger") / "pacrecon.db")
     url = request.getfixturevalue("postgres_url")
     empty_postgres(url)
     return url

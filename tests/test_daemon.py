@@ -16,8 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from storage.engine import make_engine
-from storage.schema import upgrade_to_head
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, migrated_sqlite_url
 from tests.daemon import Daemon, clean_environment, pacrecon
 from tests.webhooks import TEST_SECRET, envelope, sign
 
@@ -28,11 +27,7 @@ ADMIN = "admin_token_do_not_log_41"
 @pytest.fixture(scope="module", params=BACKENDS)
 def daemon_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('daemon') / 'ledger.db'}"
-        engine = make_engine(url)
-        upgrade_to_head(engine)
-        engine.dispose()
-        return url
+        return migrated_sqlite_url(tmp_path_factory.mktemp("daemon") / "ledger.db")
     return request.getfixturevalue("postgres_url")
 
 
@@ -274,11 +269,7 @@ def test_every_webhook_is_logged_with_its_ids_and_no_secret_ever(daemon: Daemon)
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'own.db'}"
-    engine = make_engine(url)
-    upgrade_to_head(engine)
-    engine.dispose()
-    return url
+    return migrated_sqlite_url(tmp_path / "own.db")
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(sqlite_url: str, tmp_path: Path) -> None:

@@ -14,9 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from storage.models import LocalDelta, WebhookEvent
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
-from storage.engine import make_engine
-from storage.schema import upgrade_to_head
-from tests.conftest import BACKENDS, empty_postgres
+from tests.conftest import BACKENDS, empty_postgres, migrated_sqlite_url
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 
@@ -93,10 +91,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         session._session.execute(WebhookEvent.__table__.insert(), events)
 
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('plans') / 'ledger.db'}"
-        engine = make_engine(url)
-        upgrade_to_head(engine)
-        engine.dispose()
+        url = migrated_sqlite_url(tmp_path_factory.mktemp("plans") / "ledger.db")
     else:
         url = request.getfixturevalue("postgres_url")
         empty_postgres(url)

@@ -172,14 +172,7 @@ def _sdk_accepts(secrets: list[str], headers: dict[str, str], body: str, toleran
 def _we_accept(secrets: list[str], headers: dict[str, str], body: str, tolerance: int, now: float) -> bool:
     raw = body.encode("utf-8")
     try:
-        verify_signature(
-            raw,
-            headers.get("X-PacSpace-Signature"),
-            headers.get("X-PacSpace-Timestamp"),
-            secrets=secrets,
-            tolerance_seconds=tolerance,
-            now=now,
-        )
+        verify(raw, headers, secrets=secrets, now=now, tolerance=tolerance)
         parse_json_object(raw)
     except (SignatureError, InvalidEvent):
         return False
