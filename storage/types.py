@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Numeric, func
@@ -34,8 +34,9 @@ def canonical_amount(amount: Decimal) -> Decimal:
     """The same value without trailing zeros or an exponent: -42.50 -> -42.5, 1E+4 -> 10000."""
     if amount.is_zero():
         return Decimal(0)
-    normal = amount.normalize()
-    return normal.quantize(Decimal(1)) if normal.as_tuple().exponent > 0 else normal  # type: ignore[operator]
+    exact = Context(prec=len(amount.as_tuple().digits) + 40)  # never round, whatever the size
+    normal = amount.normalize(exact)
+    return normal.quantize(Decimal(1), context=exact) if normal.as_tuple().exponent > 0 else normal  # type: ignore[operator]
 
 
 def units_to_amount(units: int) -> Decimal:

@@ -1,4 +1,4 @@
-"""The real `pacrecon serve`, as a process on a free loopback port."""
+"""Real processes on free loopback ports: `pacrecon serve` and `pacrecon sandbox`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 
 from tests.webhooks import TEST_SECRET
+
+SANDBOX_KEY = "sk_sandbox_test"
 
 
 def free_port() -> int:
@@ -36,38 +38,32 @@ def clean_environment(**settings: str) -> dict[str, str]:
     return env
 
 
-class Daemon:
-    def __init__(self, database_url: str, workdir: Path, **settings: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = workdir  # not the repository: its .env must not leak in
-        self.log_path = workdir / f"daemon-{self.port}.log"
-        self.env = clean_environment(
-            PACRECON_DATABASE_URL=database_url,
-            PACRECON_WEBHOOK_SECRETS=TEST_SECRET,
-            PACRECON_PORT=str(self.port),
-            PACRECON_LOG_FORMAT="json",
-            **settings,
-        )
+class Service:
+    """One `pacrecon` command running as a process, ready once `ready_path` answers 200."""
+
+    def __init__(self, args: list[str], env: dict[str, str], workdir: Path, port: int, ready_path: str) -> None:
+        self.args, self.env, self.workdir, self.port, self.ready_path = args, env, workdir, port, ready_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = workdir / f"{args[0]}-{port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> Daemon:
+    def start(self, timeout: float = 30) -> Any:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pacrecon", "serve"], env=self.env, cwd=self.workdir, stdout=log, stderr=log
+                [sys.executable, "-m", "pacrecon", *self.args], env=self.env, cwd=self.workdir, stdout=log, stderr=log
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"pacrecon serve exited with {self.process.returncode}:\n{self.log_text()}")
+                raise RuntimeError(f"pacrecon {self.args[0]} exited with {self.process.returncode}:\n{self.log_text()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"pacrecon serve was not ready within {timeout} s:\n{self.log_text()}")
+        raise RuntimeError(f"pacrecon {self.args[0]} was not ready within {timeout} s:\n{self.log_text()}")
 
     def stop(self, timeout: float = 40) -> int:
         assert self.process is not None
@@ -85,3 +81,27 @@ class Daemon:
 
     def log_events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+
+class Daemon(Service):
+    def __init__(self, database_url: str, workdir: Path, **settings: str) -> None:
+        port = free_port()
+        env = clean_environment(
+            PACRECON_DATABASE_URL=database_url,
+            PACRECON_WEBHOOK_SECRETS=TEST_SECRET,
+            PACRECON_PORT=str(port),
+            PACRECON_LOG_FORMAT="json",
+            **settings,
+        )
+        # the working directory is not the repository: its .env must not leak in
+        super().__init__(["serve"], env, workdir, port, "/readyz")
+
+
+class SandboxProcess(Service):
+    def __init__(self, workdir: Path, *options: str) -> None:
+        port = free_port()
+        args = ["sandbox", "--port", str(port), "--api-key", SANDBOX_KEY, *options]
+        super().__init__(args, clean_environment(), workdir, port, "/_sandbox/state")
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"X-Api-Key": SANDBOX_KEY}, timeout=15)
