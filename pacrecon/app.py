@@ -18,7 +18,11 @@ from storage.sql_ledger import SqlLedger
 
 
 def open_ledger(settings: Settings) -> SqlLedger:
-    return SqlLedger.from_url(settings.database_url, lock_timeout_ms=settings.lock_timeout_ms)
+    # a write may wait out one lock timeout; the deadline leaves room for that and the commit
+    deadline = max(30.0, 2 * settings.lock_timeout_ms / 1000 + 5)
+    return SqlLedger.from_url(
+        settings.database_url, lock_timeout_ms=settings.lock_timeout_ms, write_deadline_seconds=deadline
+    )
 
 
 def create_app(settings: Settings, ledger: Ledger, clock: Callable[[], float] = time.time) -> Starlette:

@@ -21,14 +21,19 @@ class SecretScrubber:
         self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def __call__(self, _: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-        if self._secrets:
-            for key, value in event.items():
-                if isinstance(value, str):
-                    for secret in self._secrets:
-                        if secret in value:
-                            value = value.replace(secret, REDACTED)
-                    event[key] = value
-        return event
+        return self._scrub(event) if self._secrets else event
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {key: self._scrub(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._scrub(item) for item in value]
+        return value
 
 
 def configure_logging(level: str = "info", fmt: str | None = None, secrets: Iterable[str] = ()) -> None:
@@ -39,7 +44,6 @@ def configure_logging(level: str = "info", fmt: str | None = None, secrets: Iter
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_color_message,
-        SecretScrubber(secrets),
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
@@ -54,7 +58,9 @@ def configure_logging(level: str = "info", fmt: str | None = None, secrets: Iter
         foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if use_json else _keep,
+            # tracebacks become text first, so that the scrubber sees them too
+            structlog.processors.format_exc_info,
+            SecretScrubber(secrets),
             renderer,
         ],
     )
@@ -75,8 +81,4 @@ def configure_logging(level: str = "info", fmt: str | None = None, secrets: Iter
 
 def _drop_color_message(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     event.pop("color_message", None)  # uvicorn's ANSI-coloured copy of the message
-    return event
-
-
-def _keep(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event

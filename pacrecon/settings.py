@@ -7,9 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 ENV_PREFIX = "PACRECON_"
-SECRET_FIELDS = frozenset({"webhook_secrets", "pacspace_api_key", "admin_token", "api_token"})
+# values never echoed in an error: the secrets, and the database URL (it may hold a password)
+UNECHOED_FIELDS = frozenset({"webhook_secrets", "pacspace_api_key", "admin_token", "api_token", "database_url"})
 
 
 class ConfigurationError(Exception):
@@ -62,7 +64,6 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
         try:
@@ -79,7 +80,8 @@ class Settings(BaseSettings):
         for token in (self.pacspace_api_key, self.admin_token, self.api_token):
             if token is not None:
                 values.append(token.get_secret_value())
-        return [v for v in values if v]
+        values.append(make_url(self.database_url).password or "")
+        return [str(v) for v in values if v]
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -95,6 +97,6 @@ def describe_validation_error(exc: ValidationError) -> str:
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
         message = str(error["msg"]).removeprefix("Value error, ")
-        shown = "" if field in SECRET_FIELDS else f" (got {str(error.get('input'))[:60]!r})"
+        shown = "" if field in UNECHOED_FIELDS else f" (got {str(error.get('input'))[:60]!r})"
         problems.append(f"{ENV_PREFIX}{field.upper()}: {message}{shown}")
     return "; ".join(problems)

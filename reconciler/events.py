@@ -21,6 +21,8 @@ DELTA_EVENT_STATUSES = {"delta.verified": ClaimedStatus.VERIFIED, "delta.failed"
 MAX_EVENT_ID = 255
 MAX_EVENT_TYPE = 128
 MAX_KEY = 128  # anchor ids, hashes: longer values can match nothing of ours
+MAX_SEQUENCE = 64
+MAX_REFERENCE = 256
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        value = json.loads(text, parse_float=Decimal, parse_constant=Decimal)
+        value = json.loads(text, parse_float=_number, parse_constant=Decimal)
     except json.JSONDecodeError as exc:
         raise InvalidEvent(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:  # over-long integers, absurd nesting
@@ -45,6 +47,14 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidEvent(f"body must be a JSON object, not {_json_kind(value)}")
     return value
+
+
+def _number(text: str) -> Decimal:
+    """A JSON number, exactly; one beyond Decimal's exponent range is kept as NaN (unreadable)."""
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return Decimal("NaN")
 
 
 def parse_event(raw: bytes) -> PacSpaceEvent:
@@ -74,8 +84,8 @@ def claim_from_data(data: dict[str, Any], status: ClaimedStatus) -> DeltaClaim:
         item_hashes=_hashes(data.get("itemHashes")) or _hashes(proof.get("itemHashes")),
         content_hash=_key(proof.get("contentHash")) or _key(data.get("itemHash")),
         previous_proof_hash=_key(proof.get("previousProofHash")),
-        sequence_number=_text(data.get("sequenceNumber"), allow_int=True),
-        verification_reference=_text(data.get("verificationReference")),
+        sequence_number=_bounded(_text(data.get("sequenceNumber"), allow_int=True), MAX_SEQUENCE),
+        verification_reference=_bounded(_text(data.get("verificationReference")), MAX_REFERENCE),
         tx_hash=_key(data.get("txHash")),
         error=_error_text(data.get("error")),
     )
@@ -84,23 +94,37 @@ def claim_from_data(data: dict[str, Any], status: ClaimedStatus) -> DeltaClaim:
 def _event_id(body: dict[str, Any], raw: bytes) -> str:
     # the id inside the signed body; a redelivery is re-signed with a new timestamp
     # header, so without an id only the body itself identifies the event
-    value = _text(body.get("id"), allow_int=True)
-    if value and len(value) <= MAX_EVENT_ID and not value.startswith("sha256:"):
-        return value
+    value = body.get("id")
+    text = _text(value, allow_int=True)
+    faithful = text is not None and (text == value or not isinstance(value, str) or text == value.strip())
+    if text and faithful and len(text) <= MAX_EVENT_ID and not text.startswith("sha256:"):
+        return text
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def _text(value: Any, allow_int: bool = False) -> str | None:
+    """A string field as both databases can store it: NUL and lone surrogates escaped."""
     if isinstance(value, str):
-        return value.strip() or None
-    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return _storable(value.strip()) or None
+    if allow_int and isinstance(value, int) and not isinstance(value, bool) and value.bit_length() < 200:
         return str(value)
     return None
 
 
+def _storable(text: str) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")  # PostgreSQL text cannot hold NUL
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+    return text
+
+
+def _bounded(text: str | None, limit: int) -> str | None:
+    return text if text is not None and len(text) <= limit else None
+
+
 def _key(value: Any) -> str | None:
-    text = _text(value)
-    return text if text is not None and len(text) <= MAX_KEY else None
+    return _bounded(_text(value), MAX_KEY)
 
 
 def _hashes(value: Any) -> tuple[str, ...] | None:

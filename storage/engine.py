@@ -24,13 +24,31 @@ def make_engine(url: str | URL, *, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> En
     parsed = normalise_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, lock_timeout_ms)
+    statement_timeout_ms = max(30_000, 2 * lock_timeout_ms)
+    options = " ".join(
+        (
+            f"-c lock_timeout={int(lock_timeout_ms)}",
+            f"-c statement_timeout={statement_timeout_ms}",
+            "-c synchronous_commit=on",  # an acknowledged commit is on disk, whatever the server's default
+        )
+    )
     return create_engine(
         parsed,
         pool_pre_ping=True,  # a connection the server dropped is replaced, not handed out
         pool_size=5,
         max_overflow=5,
         pool_timeout=10,
-        connect_args={"options": f"-c lock_timeout={int(lock_timeout_ms)}", "connect_timeout": 10},
+        connect_args={
+            "options": options,
+            "connect_timeout": 10,
+            # a silent network partition fails the statement in bounded time instead of
+            # holding the single writer until the kernel gives up (~15 minutes)
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": statement_timeout_ms,
+        },
     )
 
 

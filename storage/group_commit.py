@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ class GroupCommitWriter:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
+        self._batch_started: float | None = None  # monotonic time the current batch began
         self._thread = threading.Thread(target=self._loop, name="ledger-writer", daemon=True)
         self._thread.start()
 
@@ -40,6 +42,11 @@ class GroupCommitWriter:
                 raise StorageUnavailable("the ledger is closed")
             self._jobs.put(job)
         return job.future
+
+    def busy_for(self) -> float:
+        """Seconds the batch being committed has taken so far (0 when idle)."""
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def close(self, timeout: float = 30.0) -> None:
         """Let the jobs already submitted commit, then stop the thread."""
@@ -65,11 +72,17 @@ class GroupCommitWriter:
                     stop = True
                     break
                 batch.append(job)
+            self._batch_started = time.monotonic()
             try:
                 self._commit_batch(batch)
             except BaseException as exc:  # the thread must outlive any one batch
+                failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(f"writer failed: {exc!r}")
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    try:
+                        job.future.set_exception(failure)
+                    except InvalidStateError:
+                        pass  # resolved or cancelled already
+            finally:
+                self._batch_started = None
             if stop:
                 return

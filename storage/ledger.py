@@ -17,8 +17,11 @@ class Ledger(Protocol):
 
         When this returns, the commit has reached stable storage. If `work` raises,
         none of its writes are kept and its exception is raised here. Raises
-        `StorageUnavailable` when the database cannot be reached or the commit
-        fails; then nothing of `work` is durable.
+        `StorageUnavailable` when the database cannot be reached, a lock or a
+        statement times out, or the commit fails; then nothing of `work` is durable.
+
+        `work` should return plain data, not rows: other callers' work shares the
+        transaction, and a row may be expired by their rollback or detached after it.
         """
         ...
 

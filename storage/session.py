@@ -155,7 +155,9 @@ class LedgerSession:
         statement = select(Discrepancy).where(Discrepancy.status == DiscrepancyStatus.OPEN.value)
         if subject is not None:
             statement = statement.where(Discrepancy.subject == subject)
-        return list(self._session.scalars(statement.order_by(Discrepancy.id)))
+        # the upsert in open_discrepancy bypasses the identity map: never hand out a stale row
+        statement = statement.order_by(Discrepancy.id).execution_options(populate_existing=True)
+        return list(self._session.scalars(statement))
 
     # -- events, counted -------------------------------------------------------
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, StatementError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.orm import Session, sessionmaker
 
 from storage.engine import make_engine
 from storage.errors import SchemaNotCurrent, StorageUnavailable
@@ -19,32 +21,49 @@ from storage.session import LedgerSession
 
 T = TypeVar("T")
 MAX_BATCH = 256
+WRITE_DEADLINE_SECONDS = 30.0
 
 
 class SqlLedger:
     """See `storage.ledger.Ledger`. Writes go through one group-commit writer thread;
     reads run on their own pooled connections and never wait for it."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, engine: Engine, *, max_batch: int = MAX_BATCH, write_deadline_seconds: float = WRITE_DEADLINE_SECONDS
+    ) -> None:
         self.engine = engine
+        # past this a caller is answered StorageUnavailable (never a success): a database
+        # that stops answering without closing the connection must not hold requests forever
+        self.write_deadline_seconds = write_deadline_seconds
         writer_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write_sessions = sessionmaker(writer_engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(engine, expire_on_commit=False)
         self._writer = GroupCommitWriter(self._commit_batch, max_batch=max_batch)
 
     @classmethod
-    def from_url(cls, url: str, **engine_options: Any) -> SqlLedger:
-        return cls(make_engine(url, **engine_options))
+    def from_url(cls, url: str, *, write_deadline_seconds: float = WRITE_DEADLINE_SECONDS, **engine_options: Any) -> SqlLedger:
+        return cls(make_engine(url, **engine_options), write_deadline_seconds=write_deadline_seconds)
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     async def transact(self, work: Work[T]) -> T:
-        return await asyncio.wrap_future(self._writer.submit(work))
+        future = self._writer.submit(work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.write_deadline_seconds)
+        except TimeoutError:
+            raise self._late() from None
 
     def transact_sync(self, work: Work[T]) -> T:
-        return self._writer.submit(work).result()
+        try:
+            return self._writer.submit(work).result(self.write_deadline_seconds)
+        except FutureTimeout:
+            raise self._late() from None
+
+    def _late(self) -> StorageUnavailable:
+        # the work may still commit later; it was not acknowledged, so a retry finds it
+        return StorageUnavailable(f"the ledger did not commit within {self.write_deadline_seconds:g} s")
 
     async def read(self, work: Work[T]) -> T:
         return await anyio.to_thread.run_sync(self.read_sync, work)
@@ -57,6 +76,8 @@ class SqlLedger:
             raise StorageUnavailable(f"database read failed: {_describe(exc)}") from exc
 
     def check_schema(self) -> str:
+        if self._writer.busy_for() > self.write_deadline_seconds:
+            raise StorageUnavailable(f"the ledger's writer has been stuck for {self._writer.busy_for():.0f} s")
         head = head_revision()
         try:
             current = current_revision(self.engine)
@@ -77,34 +98,51 @@ class SqlLedger:
                 ledger_session = LedgerSession(session)
                 for job in batch:
                     if not job.future.set_running_or_notify_cancel():
-                        continue
-                    try:
-                        with session.begin_nested():  # one job's failure undoes only its own writes
-                            result = job.work(ledger_session)
-                    except IntegrityError as exc:
-                        done.append((job, exc, None))
-                    except DBAPIError:
-                        raise  # the connection or the transaction is gone: nothing commits
-                    except StatementError as exc:  # raised by a column type before any SQL ran
-                        done.append((job, exc.orig if isinstance(exc.orig, Exception) else exc, None))
-                    except Exception as exc:
-                        done.append((job, exc, None))
-                    else:
-                        done.append((job, None, result))
+                        continue  # cancelled before it started: nothing to do
+                    done.append((job, *_run_in_savepoint(session, job, ledger_session)))
         except SQLAlchemyError as exc:
             failure = StorageUnavailable(f"commit failed: {_describe(exc)}")
             for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(failure)
+                settle(job.future, error=failure)
             return
         for job, error, result in done:
-            if error is None:
-                job.future.set_result(result)
-            else:
-                job.future.set_exception(error)
+            settle(job.future, error=error, result=result)
+
+
+def _run_in_savepoint(session: Session, job: Job, ledger_session: LedgerSession) -> tuple[BaseException | None, Any]:
+    """Run one job in a savepoint: its failure undoes its own writes and no one else's.
+
+    Raises only when the transaction itself is gone (the connection broke), so that
+    the whole batch fails and nothing of it is acknowledged.
+    """
+    try:
+        with session.begin_nested():
+            return None, job.work(ledger_session)
+    except DBAPIError as exc:
+        if exc.connection_invalidated or not session.in_transaction():
+            raise
+        if isinstance(exc, OperationalError):  # lock or statement timeout: worth a retry
+            return StorageUnavailable(f"database busy: {_describe(exc)}"), None
+        return exc, None  # the job's own statement was refused (a constraint, a bad value)
+    except StatementError as exc:  # raised by a column type before any SQL ran
+        return (exc.orig if isinstance(exc.orig, Exception) else exc), None
+    except Exception as exc:
+        return exc, None
+
+
+def settle(future: Future[Any], *, error: BaseException | None = None, result: Any = None) -> None:
+    """Resolve `future` unless it is already resolved or was cancelled meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def _describe(exc: BaseException) -> str:
     """The driver's own one-line message, without SQL text or parameters."""
     original = getattr(exc, "orig", None) or exc
-    return str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
+    text = str(original).strip()
+    return text.splitlines()[0] if text else type(original).__name__

@@ -14,7 +14,8 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from storage.errors import AmountOutOfRange
 
 AMOUNT_SCALE = 9  # decimal places the ledger keeps exactly
-AMOUNT_LIMIT = Decimal(10) ** 10  # |amount| below this; PacSpace allows up to 1e9
+# |amount| at most PacSpace's own limit; 1e9 in 1e-9 units still fits a signed 64-bit integer
+AMOUNT_LIMIT = Decimal(1_000_000_000)
 _UNITS_PER_ONE = 10**AMOUNT_SCALE
 
 
@@ -22,10 +23,11 @@ def amount_to_units(amount: Decimal) -> int:
     """Exact integer count of 10**-9 units; raises if `amount` has more precision or size."""
     if not isinstance(amount, Decimal) or not amount.is_finite():
         raise AmountOutOfRange(f"amount {amount!r} is not a finite Decimal")
-    if abs(amount) >= AMOUNT_LIMIT:
-        raise AmountOutOfRange(f"amount {amount} is out of range: |amount| must be below {AMOUNT_LIMIT}")
-    units = amount.scaleb(AMOUNT_SCALE)
-    if units != units.to_integral_value():
+    if abs(amount) > AMOUNT_LIMIT:
+        raise AmountOutOfRange(f"amount {amount} is out of range: |amount| must be at most {AMOUNT_LIMIT}")
+    exact = Context(prec=len(amount.as_tuple().digits) + AMOUNT_SCALE + 2)  # the default 28 digits would round
+    units = amount.scaleb(AMOUNT_SCALE, context=exact)
+    if units != units.to_integral_value(context=exact):
         raise AmountOutOfRange(f"amount {amount} has more than {AMOUNT_SCALE} decimal places")
     return int(units)
 

@@ -102,6 +102,27 @@ def test_refusals_are_401_with_a_code(daemon: Daemon, daemon_database: str, brea
     assert stored_events(daemon_database, body["id"]) == 0
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"id":"evt_surrogate_\\ud800","event":"delta.verified","data":{"recordId":"a_odd"}}',
+        b'{"id":"evt_nul_\\u0000","event":"delta.verified\\u0000","data":{"recordId":"a\\u0000"}}',
+        b'{"id":"evt_huge_exponent","event":"delta.verified","data":{"recordId":"a_odd","delta":1.0e1000000000000000000}}',
+        b'{"event":"delta.verified","data":{"recordId":"a_odd","sequenceNumber":"' + b"9" * 5000 + b'"}}',
+        b'{"event":"delta.verified","data":{"recordId":"a_odd","sequenceNumber":"' + b"9" * 65 + b'"}}',
+        b'{"event":"delta.verified","data":{"recordId":"a_odd","verificationReference":"' + b"v" * 300 + b'"}}',
+        b'{"event":"delta.failed","data":{"recordId":"a_odd","error":"' + b"e" * 5000 + b'\\u0000"}}',
+        b'{"id":' + b"7" * 300 + b',"event":"x"}',
+    ],
+)
+def test_odd_but_genuine_events_are_recorded_never_5xx(daemon: Daemon, raw: bytes) -> None:
+    raw = raw.replace(b"evt_", f"evt_{time.time_ns()}_".encode()) if b'"id":"evt_' in raw else raw.replace(b'"data"', f'"nonce":{time.time_ns()},"data"'.encode())
+    webhook = sign(raw)
+    response = post(daemon, webhook.body, webhook.headers)
+    assert (response.status_code, response.json()) == (200, {"status": response.json()["status"]})
+    assert response.json()["status"] in ("recorded", "ignored")
+
+
 def test_a_signature_by_another_secret_is_refused(daemon: Daemon) -> None:
     webhook = sign(envelope(), secret="whsec_attacker")
     assert post(daemon, webhook.body, webhook.headers).json()["error"]["code"] == "invalid_signature"
@@ -374,6 +395,12 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path: Path, settings: dict
 def test_a_secret_in_bad_configuration_is_not_echoed(tmp_path: Path) -> None:
     result = pacrecon(["serve"], clean_environment(PACRECON_WEBHOOK_SECRETS="whsec_x,,whsec_hidden_value"), tmp_path)
     assert result.returncode == 2 and "whsec_hidden_value" not in result.stderr
+    result = pacrecon(
+        ["serve"],
+        clean_environment(PACRECON_WEBHOOK_SECRETS="whsec_x", PACRECON_DATABASE_URL="mysql://app:hunter2-db-password@db/ledger"),
+        tmp_path,
+    )
+    assert result.returncode == 2 and "PACRECON_DATABASE_URL" in result.stderr and "hunter2" not in result.stderr
 
 
 def test_configuration_from_a_dotenv_file(tmp_path: Path) -> None:

@@ -188,6 +188,19 @@ _json_body = st.recursive(
 )
 
 
+# numbers and escapes that JSON allows but Decimal, UTF-8 or a database may not
+_ODD_LITERALS = [
+    "1.0e1000000000000000000",
+    "-1e-999999999999999999999",
+    "1" * 5000,
+    "NaN",
+    "-Infinity",
+    '"\\ud800"',
+    '"\\u0000"',
+    "1E400",
+]
+
+
 def _pick(draw: st.DrawFn, weighted: list[tuple[int, st.SearchStrategy[Any]]]) -> Any:
     """Draw from one of `weighted` strategies, each chosen in proportion to its weight."""
     roll = draw(st.integers(0, sum(w for w, _ in weighted) - 1))
@@ -209,6 +222,7 @@ def _cases(draw: st.DrawFn) -> tuple[list[str], dict[str, str], str, int, float]
         draw,
         [
             (6, st.dictionaries(_text, _json_body, max_size=4).map(json.dumps)),
+            (1, st.sampled_from(_ODD_LITERALS).map(lambda literal: '{"id": "evt_1", "delta": %s}' % literal)),
             (2, _json_body.map(json.dumps)),
             (1, _text),
             (1, st.just("")),

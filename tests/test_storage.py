@@ -4,7 +4,9 @@ exactly-once events, idempotent discrepancies, migrations, group commit."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -12,6 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
 
 from storage.engine import make_engine
@@ -68,7 +71,19 @@ def test_amounts_keep_their_value_not_float_noise(ledger: SqlLedger) -> None:
     assert stored is not None and str(stored.amount) == "-42.5"
 
 
-@pytest.mark.parametrize("amount", ["0.0000000001", "10000000000", "NaN", "Infinity"])
+@pytest.mark.parametrize(
+    "amount",
+    [
+        "0.0000000001",
+        "10000000000",
+        "9300000000",  # past a signed 64-bit count of 1e-9 units on SQLite
+        "1000000000.000000001",
+        "1.0000000000000000000000000001",  # more digits than the default Decimal context keeps
+        "0.1000000000000000000000000000001",
+        "NaN",
+        "Infinity",
+    ],
+)
 def test_amounts_the_ledger_cannot_hold_exactly_are_refused(ledger: SqlLedger, amount: str) -> None:
     with pytest.raises(AmountOutOfRange):
         add_deltas(ledger, [new_delta(1, Decimal(amount))])
@@ -185,6 +200,20 @@ def test_a_second_sighting_updates_the_open_discrepancy(ledger: SqlLedger) -> No
     )
 
 
+def test_rows_read_in_the_same_transaction_see_each_sighting(ledger: SqlLedger) -> None:
+    add_deltas(ledger, [new_delta(1, Decimal(1))])
+    item = Discrepancy(kind="stuck", subject="delta:1", delta_id=1, detected_by="reconciler", evidence={})
+
+    def work(session: LedgerSession) -> list[int]:
+        seen = []
+        for _ in range(3):
+            session.open_discrepancy(item, NOW)
+            seen.append(session.open_discrepancies()[0].occurrences)
+        return seen
+
+    assert ledger.transact_sync(work) == [1, 2, 3]
+
+
 def test_a_resolved_discrepancy_does_not_absorb_a_new_one(ledger: SqlLedger) -> None:
     add_deltas(ledger, [new_delta(1, Decimal(1))])
     item = Discrepancy(kind="stuck", subject="delta:1", delta_id=1, detected_by="reconciler", evidence={})
@@ -217,6 +246,91 @@ def test_group_commit_isolates_a_failing_job(ledger: SqlLedger) -> None:
     assert all(isinstance(r, int) for r in results[:-1])
     count = ledger.read_sync(lambda s: s.totals_by_status())["QUEUED"][0]
     assert count == 49
+
+
+def test_a_refused_statement_in_one_job_leaves_the_others(ledger: SqlLedger) -> None:
+    async def run() -> list[object]:
+        broken = ledger.transact(lambda s: s._session.execute(text("SELECT * FROM no_such_table")))
+        fine = [ledger.transact(lambda s, n=n: s.add_delta(new_delta(n, Decimal(n))).id) for n in range(1, 6)]
+        return await asyncio.gather(broken, *fine, return_exceptions=True)
+
+    broken, *fine = asyncio.run(run())
+    assert isinstance(broken, Exception) and all(isinstance(f, int) for f in fine)
+    assert ledger.read_sync(lambda s: s.totals_by_status())["QUEUED"][0] == 5
+
+
+@pytest.mark.postgres
+def test_a_lock_timeout_fails_only_that_job_and_is_retryable(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's lock_timeout; SQLite takes its lock at BEGIN, before any job")
+    ledger = SqlLedger.from_url(database_url, lock_timeout_ms=200)
+    blocker = make_engine(database_url)
+    try:
+        with blocker.connect() as connection:
+            connection.execute(text("BEGIN"))
+            connection.execute(text("LOCK TABLE discrepancy IN ACCESS EXCLUSIVE MODE"))
+
+            async def run() -> list[object]:
+                locked = ledger.transact(lambda s: s.open_discrepancies())
+                fine = ledger.transact(lambda s: s.add_delta(new_delta(1, Decimal(1))).id)
+                return await asyncio.gather(locked, fine, return_exceptions=True)
+
+            locked, fine = asyncio.run(run())
+            connection.execute(text("ROLLBACK"))
+        assert isinstance(locked, StorageUnavailable) and "busy" in str(locked)
+        assert isinstance(fine, int)
+    finally:
+        blocker.dispose()
+        ledger.close()
+
+
+class BlackHoleProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding while keeping its sockets open:
+    a database that goes silent without closing anything."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.silent = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                while self.silent.is_set():
+                    time.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+
+
+@pytest.mark.postgres
+def test_a_database_that_goes_silent_is_unavailable_within_the_deadline(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("needs a database behind a TCP connection")
+    url = make_url(database_url)
+    proxy = BlackHoleProxy((url.host or "127.0.0.1", url.port or 5432))
+    ledger = SqlLedger.from_url(url.set(host="127.0.0.1", port=proxy.port), write_deadline_seconds=1.5)
+    assert ledger.transact_sync(lambda s: s.count_events()) == 0
+    proxy.silent.set()
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable, match="did not commit within"):
+        asyncio.run(ledger.transact(lambda s: s.count_events()))
+    assert time.monotonic() - started < 5
+    with pytest.raises(StorageUnavailable, match="stuck"):
+        ledger.check_schema()  # readiness fails while the writer is stuck
+    proxy.server.close()
 
 
 def test_a_duplicate_key_in_one_job_leaves_the_others(ledger: SqlLedger) -> None:
