@@ -1,5 +1,5 @@
 # Two commands on a fresh clone; each makes its own virtual environment (.venv).
-#   make run    the daemon on SQLite (writes a development webhook secret to .env)
+#   make run    the daemon on SQLite with the local PacSpace sandbox (writes a development .env)
 #   make test   the test suite (PostgreSQL tests too when PACRECON_TEST_DATABASE_URL is set)
 
 PYTHON ?= python3
@@ -17,9 +17,15 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 run: venv
-	@test -f .env || { printf 'PACRECON_WEBHOOK_SECRETS=whsec_dev_%s\n' "$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')" > .env; \
-	  echo "wrote a development webhook secret to .env:"; cat .env; }
+	@test -f .env || { \
+	  printf 'PACRECON_WEBHOOK_SECRETS=whsec_dev_%s\nPACRECON_PACSPACE_BASE_URL=http://127.0.0.1:8090\nPACRECON_PACSPACE_API_KEY=sk_sandbox_local\n' \
+	    "$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')" > .env; \
+	  echo "wrote a development configuration to .env:"; cat .env; }
 	$(BIN)/pacrecon migrate
+	@secret=$$(sed -n 's/^PACRECON_WEBHOOK_SECRETS=//p' .env | cut -d, -f1); \
+	port=$$(sed -n 's/^PACRECON_PORT=//p' .env); port=$${port:-8080}; \
+	$(BIN)/pacrecon sandbox --port 8090 --webhook-url "http://127.0.0.1:$$port/webhooks/pacspace" --webhook-secret "$$secret" & \
+	sandbox=$$!; trap 'kill $$sandbox 2>/dev/null; wait $$sandbox 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/pacrecon serve
 
 test: venv
