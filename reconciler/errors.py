@@ -4,3 +4,36 @@
 class InvalidEvent(ValueError):
     """A genuine (signed) body that is not a usable PacSpace event: not UTF-8, not JSON,
     or not a JSON object. The message says which, without echoing the body."""
+
+
+class PacSpaceError(Exception):
+    """PacSpace answered with an error, or could not be reached.
+
+    `status` is the HTTP status (None when no answer came), `code` PacSpace's own
+    code (`VALIDATION_ERROR`, `INSUFFICIENT_CREDITS`, …, or `NETWORK_ERROR` /
+    `TIMEOUT` of ours), `retryable` whether sending the same request again later
+    may succeed, `retry_after` the seconds PacSpace asked us to wait.
+    """
+
+    def __init__(
+        self,
+        status: int | None,
+        code: str,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        customer_id: str | None = None,
+    ) -> None:
+        super().__init__(f"PacSpace {status or 'unreachable'} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.customer_id = customer_id
+
+    @property
+    def final(self) -> bool:
+        """A refusal that sending the same request again will not change."""
+        return not self.retryable and self.code not in ("CADENCE_LIMIT", "IDEMPOTENCY_PENDING")

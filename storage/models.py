@@ -39,10 +39,13 @@ class LocalDelta(SQLModel, table=True):
         ),
         Index("ix_local_delta_customer_sequence", "customer_id", "sequence_number"),
         Index("ix_local_delta_customer_id", "customer_id", "id"),
+        Index("ix_local_delta_status_id", "status", "id"),
+        # one row per accepted item: registering the same emit answer twice adds nothing
+        Index("ux_local_delta_anchor_item", "anchor_id", "item_hash", unique=True),
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    anchor_id: str | None = Field(default=None, max_length=128, index=True)
+    anchor_id: str | None = Field(default=None, max_length=128)  # looked up via ux_local_delta_anchor_item
     item_hash: str | None = Field(default=None, max_length=130, index=True)
     customer_id: str = Field(max_length=128)
     amount: Decimal = Field(sa_column=Column(ExactAmount(), nullable=False))
@@ -52,6 +55,8 @@ class LocalDelta(SQLModel, table=True):
     delta_metadata: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
     idempotency_key: str = Field(max_length=255, unique=True)
     source: str = Field(max_length=16)
+    submission_id: int | None = Field(default=None, foreign_key="outbox_submission.id", index=True)
+    submission_index: int | None = None  # the item's position in its submission
     status: str = Field(max_length=16)
     status_reason: str | None = Field(default=None, max_length=2000)
     receipt_id: str | None = Field(default=None, max_length=130, index=True)
@@ -67,6 +72,33 @@ class LocalDelta(SQLModel, table=True):
     verified_at: datetime | None = _time()
     failed_at: datetime | None = _time()
     updated_at: datetime = _time(nullable=False)
+
+
+class OutboxSubmission(SQLModel, table=True):
+    """One emit request we owe PacSpace (a delta, or a batch of them), kept until answered.
+
+    Committed before anything is sent; re-sent with the same idempotency key and the
+    same bytes until PacSpace answers, so PacSpace records it exactly once.
+    """
+
+    __tablename__ = "outbox_submission"
+    __table_args__ = (Index("ix_outbox_submission_due", "status", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=8)  # "single" or "batch"
+    idempotency_key: str = Field(max_length=255, sa_column_kwargs={"unique": True, "nullable": False})
+    client_key: str | None = Field(default=None, max_length=255, sa_column_kwargs={"unique": True})
+    fingerprint: str = Field(max_length=64)  # sha256 of the request, to tell a repeat from a conflict
+    request_body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    credit_pool_id: str | None = Field(default=None, max_length=255)
+    status: str = Field(max_length=16)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, max_length=2000)
+    next_attempt_at: datetime = _time(nullable=False)  # also a lease: the sender owns it until then
+    answer: bytes | None = Field(default=None, sa_column=Column(LargeBinary))  # what we answered the caller
+    answer_status: int | None = None
+    created_at: datetime = _time(nullable=False)
+    sent_at: datetime | None = _time()
 
 
 class WebhookEvent(SQLModel, table=True):

@@ -30,6 +30,12 @@ class DeltaSource(StrEnum):
     IMPORT = "import"  # emitted elsewhere, registered from its emit answer
 
 
+class SubmissionStatus(StrEnum):
+    PENDING = "PENDING"  # committed locally; not yet answered by PacSpace
+    SENT = "SENT"  # PacSpace answered; its answer is recorded on the deltas
+    REJECTED = "REJECTED"  # PacSpace refused it for good
+
+
 class EventOutcome(StrEnum):
     APPLIED = "applied"  # matched local delta(s); their state follows the event
     DISCREPANCY = "discrepancy"  # matched, but the event disagrees with our record

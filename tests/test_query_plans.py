@@ -28,19 +28,23 @@ def plan(ledger: SqlLedger, build: Any) -> str:
         original = inner.scalars
 
         def capture(statement: Any, *args: Any, **kwargs: Any) -> Any:
-            captured.append(statement)
+            captured.append((statement, args[0] if args else {}))
             return original(statement, *args, **kwargs)
 
         inner.scalars = capture  # type: ignore[method-assign]
         build(session)
-        statement = captured[-1]
+        statement, given = captured[-1]
         dialect = sqlite.dialect() if ledger.dialect == "sqlite" else postgresql.dialect()
         compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        params = {**compiled.params, **given}
         if ledger.dialect == "postgresql":
             prefix = "EXPLAIN "
         else:
             prefix = "EXPLAIN QUERY PLAN "
-        rows = inner.connection().exec_driver_sql(prefix + str(compiled), compiled.params if ledger.dialect == "postgresql" else tuple(compiled.params[k] for k in compiled.positiontup)).fetchall()
+        processors = compiled._bind_processors
+        bound = {k: processors[k](v) if k in processors else v for k, v in params.items()}
+        arguments = bound if ledger.dialect == "postgresql" else tuple(bound[k] for k in compiled.positiontup)
+        rows = inner.connection().exec_driver_sql(prefix + str(compiled), arguments).fetchall()
         return "\n".join(" ".join(str(c) for c in row) for row in rows)
 
     return ledger.read_sync(work)
@@ -111,7 +115,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.mark.parametrize(
     ("build", "index"),
     [
-        (lambda s: s.deltas_by_anchor("a_1"), "ix_local_delta_anchor_id"),
+        (lambda s: s.deltas_by_anchor("a_1"), "ux_local_delta_anchor_item"),
         (lambda s: s.deltas_by_item_hash("0x1"), "ix_local_delta_item_hash"),
         (lambda s: s.get_event("evt_1"), "webhook_event_event_id_key|sqlite_autoindex_webhook_event"),
         (lambda s: s.unsettled_deltas(NOW, None, 100), "ix_local_delta_unsettled"),

@@ -386,3 +386,25 @@ def test_a_closed_ledger_refuses_work(tmp_path) -> None:
     ledger.close()
     with pytest.raises(StorageUnavailable, match="closed"):
         ledger.transact_sync(lambda s: None)
+
+
+def test_unsettled_deltas_page_through_every_stale_one_once_in_order(ledger: SqlLedger) -> None:
+    from datetime import timedelta
+
+    statuses = [DeltaStatus.QUEUED, DeltaStatus.PROCESSING, DeltaStatus.VERIFIED, DeltaStatus.FAILED, DeltaStatus.PENDING]
+    deltas = [
+        new_delta(n, Decimal(1), statuses[n % 5], emitted_at=NOW + timedelta(seconds=n // 3))  # ties on emitted_at
+        for n in range(60)
+    ]
+    add_deltas(ledger, deltas)
+    cutoff = NOW + timedelta(seconds=15)
+    expected = [d.id for d in sorted(deltas, key=lambda d: (d.emitted_at, d.id)) if d.status in ("QUEUED", "PROCESSING") and d.emitted_at < cutoff]
+    seen: list[int] = []
+    after = None
+    while True:
+        page = ledger.read_sync(lambda s: [(d.emitted_at, d.id) for d in s.unsettled_deltas(cutoff, after, 7)])
+        if not page:
+            break
+        seen += [i for _, i in page]
+        after = page[-1]
+    assert seen == expected and len(expected) == 18
