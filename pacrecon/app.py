@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
+import httpx
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
 
 from pacrecon.settings import Settings
+from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.health import health_routes
 from receiver.webhook import WebhookReceiver, webhook_routes
+from reconciler.errors import PacSpaceError
+from reconciler.outbox import Outbox
+from reconciler.pacspace import PacSpaceClient
+from storage.errors import StorageUnavailable
 from storage.ledger import Ledger
 from storage.sql_ledger import SqlLedger
+
+
+log = structlog.get_logger("pacrecon.app")
 
 
 def open_ledger(settings: Settings) -> SqlLedger:
@@ -25,8 +36,20 @@ def open_ledger(settings: Settings) -> SqlLedger:
     )
 
 
+def open_pacspace(settings: Settings) -> tuple[httpx.AsyncClient, PacSpaceClient | None]:
+    """The one pooled HTTP client, and PacSpace over it (None without an API key)."""
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.pacspace_timeout_seconds, connect=min(5.0, settings.pacspace_timeout_seconds)),
+        limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+    )
+    if settings.pacspace_api_key is None:
+        return http, None
+    return http, PacSpaceClient(http, settings.pacspace_base_url, settings.pacspace_api_key.get_secret_value())
+
+
 def create_app(settings: Settings, ledger: Ledger, clock: Callable[[], float] = time.time) -> Starlette:
-    """The daemon's ASGI app. It owns `ledger` from here on and closes it at shutdown."""
+    """The daemon's ASGI app. It owns `ledger` from here on; its lifespan owns the HTTP
+    client and the scheduler, and closes all three at shutdown."""
     receiver = WebhookReceiver(
         ledger=ledger,
         secrets=tuple(s.get_secret_value() for s in settings.webhook_secrets),
@@ -34,17 +57,59 @@ def create_app(settings: Settings, ledger: Ledger, clock: Callable[[], float] = 
         max_body_bytes=settings.max_body_bytes,
         clock=clock,
     )
+    http, pacspace = open_pacspace(settings)
+    outbox = (
+        Outbox(
+            ledger,
+            pacspace,
+            lease_seconds=settings.outbox_lease_seconds,
+            resend_base_seconds=settings.outbox_retry_interval_seconds,
+            clock=clock,
+        )
+        if pacspace
+        else None
+    )
+    deltas = DeltasApi(ledger=ledger, outbox=outbox, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    if outbox is not None:
+        scheduler.add_job(
+            _logged(outbox.resend_due, "outbox_resend"),
+            "interval",
+            seconds=settings.outbox_retry_interval_seconds,
+            id="outbox_resend",
+            max_instances=1,  # never two resend passes at once
+            coalesce=True,
+        )
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        scheduler.start()
         try:
             yield
         finally:
+            scheduler.shutdown(wait=False)
+            await http.aclose()
             # in-flight requests have finished: commit what they submitted, then let go
             await anyio.to_thread.run_sync(ledger.close)
 
     return Starlette(
-        routes=[*health_routes(ledger), *webhook_routes(receiver)],
+        routes=[*health_routes(ledger), *webhook_routes(receiver), *deltas.routes()],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+
+
+def _logged(job: Callable[[], Awaitable[int]], name: str) -> Callable[[], Awaitable[None]]:
+    """A scheduled job whose failures are one log line (PacSpace or the ledger being away
+    is expected; the next run tries again), never a traceback."""
+
+    async def run() -> None:
+        try:
+            count = await job()
+        except (StorageUnavailable, PacSpaceError) as exc:
+            log.warning("job_failed", job=name, error=str(exc))
+        else:
+            if count:
+                log.info("job_done", job=name, count=count)
+
+    return run

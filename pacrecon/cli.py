@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pacrecon.settings import ConfigurationError, Settings, load_settings
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
+NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")  # JSON's number grammar
 
 
 class Refusal(Exception):
@@ -45,6 +49,35 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="upgrade the ledger's schema to this version's head")
     migrate.set_defaults(run=_migrate, needs_settings=True)
+
+    emit = commands.add_parser(
+        "emit",
+        help="emit one delta through the outbox and print the answer",
+        description="Emit one delta. By default through the running daemon's POST /v1/deltas "
+        "(needs PACRECON_API_TOKEN; --daemon-url, else http://PACRECON_HOST:PACRECON_PORT). With --direct, "
+        "in this process: committed to the ledger at PACRECON_DATABASE_URL first, then sent to PacSpace "
+        "(needs PACRECON_PACSPACE_API_KEY); if PacSpace does not answer, the daemon's retry job sends it later.",
+    )
+    emit.add_argument("customer_id", metavar="CUSTOMER_ID")
+    emit.add_argument("delta", metavar="DELTA", help="the amount, e.g. -42.50 (exact decimal)")
+    emit.add_argument("reason", metavar="REASON")
+    emit.add_argument("--reference-id", help="your own reference for the delta")
+    emit.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    emit.add_argument("--idempotency-key", help="send again with the same key to get the same answer")
+    emit.add_argument("--daemon-url", help="the daemon to emit through (default http://PACRECON_HOST:PACRECON_PORT)")
+    emit.add_argument("--direct", action="store_true", help="emit from this process instead of through the daemon")
+    emit.set_defaults(run=_emit, needs_settings=True)
+
+    imports = commands.add_parser(
+        "import",
+        help="register deltas emitted elsewhere, from a file of their emit answers (one JSON per line)",
+        description="Register deltas emitted by other means (the TypeScript SDK, curl) so the reconciler "
+        "watches them: each line of FILE is one PacSpace emit answer (bare or in its {success, data} "
+        "envelope) or batch answer. Writes to the ledger at PACRECON_DATABASE_URL directly; importing "
+        "the same record again changes nothing. Exit 1 when any line could not be imported.",
+    )
+    imports.add_argument("file", metavar="FILE.jsonl", type=Path)
+    imports.set_defaults(run=_import, needs_settings=True)
 
     sandbox = commands.add_parser(
         "sandbox",
@@ -101,6 +134,120 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
         return EXIT_FAILED
     serve_app(create_app(settings, ledger), settings.host, settings.port)
     return 0
+
+
+def _delta_request(args: argparse.Namespace) -> bytes:
+    from decimal import Decimal, InvalidOperation
+
+    from storage import jsonio
+
+    if not NUMBER.fullmatch(args.delta):
+        raise Refusal(f"DELTA {args.delta!r} is not a number (e.g. -42.50)")
+    try:
+        amount = Decimal(args.delta)
+    except InvalidOperation:
+        raise Refusal(f"DELTA {args.delta!r} is not a number (e.g. -42.50)") from None
+    metadata = {}
+    for pair in args.metadata:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise Refusal(f"--metadata {pair!r}: write KEY=VALUE")
+        metadata[key] = value
+    body: dict[str, object] = {"customerId": args.customer_id, "delta": amount, "reason": args.reason}
+    if args.reference_id is not None:
+        body["referenceId"] = args.reference_id
+    if metadata:
+        body["metadata"] = metadata
+    return jsonio.dumps_bytes(body)
+
+
+def _emit(settings: Settings, args: argparse.Namespace) -> int:
+    raw = _delta_request(args)
+    if args.direct:
+        status, answer = asyncio.run(_emit_direct(settings, raw, args.idempotency_key))
+    else:
+        import httpx
+
+        if settings.api_token is None:
+            raise ConfigurationError("PACRECON_API_TOKEN: needed to emit through the daemon (or use --direct)")
+        url = (args.daemon_url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/v1/deltas"
+        headers = {"Authorization": f"Bearer {settings.api_token.get_secret_value()}", "Content-Type": "application/json"}
+        if args.idempotency_key:
+            headers["Idempotency-Key"] = args.idempotency_key
+        try:
+            response = httpx.post(url, content=raw, headers=headers, timeout=60)
+        except httpx.HTTPError as exc:
+            print(f"pacrecon: the daemon at {url} did not answer: {type(exc).__name__}", file=sys.stderr)
+            return EXIT_FAILED
+        status, answer = response.status_code, response.content
+    print(answer.decode("utf-8", "replace"))
+    return 0 if status in (200, 202) else EXIT_FAILED
+
+
+async def _emit_direct(settings: Settings, raw: bytes, idempotency_key: str | None) -> tuple[int, bytes]:
+    import anyio.to_thread
+
+    from pacrecon.app import open_ledger, open_pacspace
+    from reconciler.outbox import InvalidRequest, Outbox, parse_request
+    from storage import jsonio
+    from storage.errors import SchemaNotCurrent
+
+    http, pacspace = open_pacspace(settings)
+    if pacspace is None:
+        await http.aclose()
+        raise ConfigurationError("PACRECON_PACSPACE_API_KEY: needed to emit directly")
+    ledger = open_ledger(settings)
+    try:
+        try:
+            await anyio.to_thread.run_sync(ledger.check_schema)
+        except SchemaNotCurrent as exc:
+            raise Refusal(str(exc)) from None
+        try:
+            request = parse_request(raw, "single", idempotency_key)
+        except InvalidRequest as exc:
+            return 400, jsonio.dumps_bytes({"error": {"code": "validation_error", "message": str(exc)}})
+        answer = await Outbox(ledger, pacspace, lease_seconds=settings.outbox_lease_seconds).submit(request)
+        return answer.status, answer.body
+    finally:
+        await http.aclose()
+        await anyio.to_thread.run_sync(ledger.close)
+
+
+def _import(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from pacrecon.app import open_ledger
+    from reconciler.imports import import_records
+    from storage import jsonio
+    from storage.errors import SchemaNotCurrent
+
+    try:
+        lines = args.file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Refusal(f"{args.file}: cannot be read as UTF-8 text ({type(exc).__name__})") from None
+    records, line_numbers, unreadable = [], [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(jsonio.loads(line))
+            line_numbers.append(number)
+        except (ValueError, RecursionError):
+            unreadable.append({"line": number, "error": "not JSON"})
+    ledger = open_ledger(settings)
+    try:
+        try:
+            ledger.check_schema()
+        except SchemaNotCurrent as exc:
+            raise Refusal(str(exc)) from None
+        now = datetime.now(UTC)
+        report = ledger.transact_sync(lambda session: import_records(session, records, now))
+    finally:
+        ledger.close()
+    invalid = unreadable + [{"line": line_numbers[n - 1], "error": why} for n, why in report.invalid]
+    summary = {"imported": len(report.imported), "already_known": report.known, "invalid": sorted(invalid, key=lambda i: i["line"])}
+    print(jsonio.dumps(summary))
+    return EXIT_FAILED if invalid else 0
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -77,6 +77,8 @@ def configure_logging(level: str = "info", fmt: str | None = None, secrets: Iter
     # alembic announces its dialect at every schema check
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def _drop_color_message(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:

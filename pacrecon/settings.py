@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     pacspace_api_key: SecretStr | None = None
     admin_token: SecretStr | None = None
     api_token: SecretStr | None = None
+    pacspace_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    outbox_retry_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    outbox_lease_seconds: float = Field(60.0, gt=0, le=3600)
     stale_after_seconds: int = Field(300, ge=1)
     reconcile_interval_seconds: int = Field(60, ge=1)
     host: str = "127.0.0.1"

@@ -62,15 +62,21 @@ def record_event(
 def register_deltas(session: LedgerSession, deltas: Iterable[LocalDelta], now: datetime) -> list[LocalDelta]:
     """Add deltas PacSpace has accepted, then apply any orphan event waiting for them."""
     added = [session.add_delta(delta) for delta in deltas]
+    match_orphans(session, added, now)
+    return added
+
+
+def match_orphans(session: LedgerSession, deltas: Iterable[LocalDelta], now: datetime) -> None:
+    """Apply the orphan events that name any of `deltas` (now known by anchor, hash or receipt)."""
+    session.flush()
     waiting: dict[int, WebhookEvent] = {}
-    for delta in added:
+    for delta in deltas:
         for event in session.orphan_events_for(delta):
             waiting.setdefault(event.id or 0, event)
     for event in sorted(waiting.values(), key=lambda e: e.id or 0):
         parsed = parse_event(event.raw_body)
         if parsed.claim is not None:
             _apply_event(session, event, parsed.claim, now)
-    return added
 
 
 def _apply_event(session: LedgerSession, event: WebhookEvent, claim: DeltaClaim, now: datetime) -> Recorded:

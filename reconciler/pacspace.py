@@ -13,6 +13,7 @@ import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
@@ -38,6 +39,17 @@ STATUS_WORDS = {
 def status_from(word: Any) -> ClaimedStatus | None:
     """Either vocabulary to ours (ANCHORING ≡ PROCESSING, ANCHORED ≡ VERIFIED); None if unknown."""
     return STATUS_WORDS.get(word.upper()) if isinstance(word, str) else None
+
+
+def time_from(value: Any) -> datetime | None:
+    """PacSpace's ISO 8601 times (`2026-02-11T10:30:00.000Z`) as aware UTC datetimes."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def amount_from(value: Any) -> Decimal | None:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from reconciler.emit_rules import batch_shape_error, delta_errors
+from reconciler.emit_rules import FieldError, batch_shape_error, delta_errors
 from reconciler.proofs import canonical_json, merkle_root
 from sandbox.delivery import DeliveryTarget, Dispatcher
 from sandbox.faults import FaultError, Faults
@@ -233,6 +233,9 @@ class Sandbox:
                 raise ApiError(400, "VALIDATION_ERROR", str(shape), details=[shape.__dict__])
             requests = body["deltas"]
             errors = [delta_errors(item, f"deltas[{n}].") for n, item in enumerate(requests)]
+            for problems in errors:
+                if not problems and self.state.roll(self.state.faults.reject_batch_items):
+                    problems.append(FieldError("item", "rejected by PacSpace (sandbox fault reject_batch_items)"))
             valid = [item for item, problems in zip(requests, errors) if not problems]
             anchor = self.state.accept(valid) if valid else None
             items = iter(anchor.items if anchor else [])
@@ -245,7 +248,10 @@ class Sandbox:
                             "customerId": item.get("customerId") if isinstance(item, dict) else None,
                             "delta": item.get("delta") if isinstance(item, dict) else None,
                             "status": "FAILED",
-                            "error": {"code": "VALIDATION_ERROR", "message": "; ".join(map(str, problems))},
+                            "error": {
+                                "code": "ITEM_REJECTED" if problems[0].field == "item" else "VALIDATION_ERROR",
+                                "message": "; ".join(map(str, problems)),
+                            },
                         }
                     )
                     continue

@@ -22,6 +22,7 @@ FRACTIONS = {
     "insufficient_credits": "answer an emit 402 INSUFFICIENT_CREDITS",
     "contract_not_deployed": "answer an emit 412 CONTRACT_NOT_DEPLOYED",
     "slow": "answer an API request after slow_seconds",
+    "reject_batch_items": "fail a valid batch item (ITEM_REJECTED) while the rest of the batch is accepted",
 }
 AMOUNTS = {
     "late_seconds": "how long a late webhook may be held back",
@@ -52,6 +53,7 @@ class Faults:
     insufficient_credits: float = 0.0
     contract_not_deployed: float = 0.0
     slow: float = 0.0
+    reject_batch_items: float = 0.0
     late_seconds: float = 2.0
     retry_after: float = 1.0
     slow_seconds: float = 1.0

@@ -7,6 +7,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
+from storage import jsonio
+
 LOCK_TIMEOUT_MS = 5000
 
 
@@ -34,6 +36,8 @@ def make_engine(url: str | URL, *, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> En
     )
     return create_engine(
         parsed,
+        json_serializer=jsonio.dumps,
+        json_deserializer=jsonio.loads,
         pool_pre_ping=True,  # a connection the server dropped is replaced, not handed out
         pool_size=5,
         max_overflow=5,
@@ -53,7 +57,12 @@ def make_engine(url: str | URL, *, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> En
 
 
 def _sqlite_engine(url: URL, busy_timeout_ms: int) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000})
+    engine = create_engine(
+        url,
+        json_serializer=jsonio.dumps,  # JSON columns keep exact numbers too
+        json_deserializer=jsonio.loads,
+        connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

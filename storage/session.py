@@ -6,14 +6,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, func, select, text
+from sqlalchemy import Integer, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.models import ORPHAN_PREDICATE, UNSETTLED_PREDICATE, Discrepancy, LocalDelta, WebhookEvent
+from storage.models import ORPHAN_PREDICATE, UNSETTLED_PREDICATE, Discrepancy, LocalDelta, OutboxSubmission, WebhookEvent
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
-from storage.vocabulary import DiscrepancyStatus, EventOutcome
+from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 
 
 class LedgerSession:
@@ -71,6 +71,10 @@ class LedgerSession:
 
     # -- local deltas ---------------------------------------------------------
 
+    def flush(self) -> None:
+        """Write pending changes inside the transaction, so queries see them."""
+        self._session.flush()
+
     def add_delta(self, delta: LocalDelta) -> LocalDelta:
         self._session.add(delta)
         self._session.flush()
@@ -126,6 +130,55 @@ class LedgerSession:
             row[0]: (int(row[1]), combine_exact_sum(list(row[2:]), self._dialect))
             for row in self._session.execute(statement)
         }
+
+    def list_deltas(
+        self, *, customer_id: str | None, status: str | None, after_id: int | None, limit: int
+    ) -> list[LocalDelta]:
+        """A page of deltas by id, optionally of one customer and/or status (keyset on id)."""
+        statement = select(LocalDelta)
+        if customer_id is not None:
+            statement = statement.where(LocalDelta.customer_id == customer_id)
+        if status is not None:
+            statement = statement.where(LocalDelta.status == status)
+        if after_id is not None:
+            statement = statement.where(LocalDelta.id > after_id)  # type: ignore[operator]
+        return list(self._session.scalars(statement.order_by(LocalDelta.id).limit(limit)))  # type: ignore[arg-type]
+
+    # -- the outbox -------------------------------------------------------------
+
+    def add_submission(self, submission: OutboxSubmission) -> OutboxSubmission:
+        self._session.add(submission)
+        self._session.flush()
+        return submission
+
+    def get_submission(self, submission_id: int) -> OutboxSubmission | None:
+        return self._session.get(OutboxSubmission, submission_id)
+
+    def submission_by_client_key(self, client_key: str) -> OutboxSubmission | None:
+        statement = select(OutboxSubmission).where(OutboxSubmission.client_key == client_key)
+        return self._session.scalars(statement).first()
+
+    def deltas_of_submission(self, submission_id: int) -> list[LocalDelta]:
+        statement = select(LocalDelta).where(LocalDelta.submission_id == submission_id)
+        return list(self._session.scalars(statement.order_by(LocalDelta.submission_index)))  # type: ignore[arg-type]
+
+    def claim_due_submissions(self, now: datetime, lease_until: datetime, limit: int) -> list[int]:
+        """Ids of PENDING submissions due by `now`, each leased until `lease_until` so no
+        other sender (another replica, the request that created it) takes it meanwhile."""
+        due = select(OutboxSubmission.id).where(
+            OutboxSubmission.status == SubmissionStatus.PENDING.value,
+            OutboxSubmission.next_attempt_at <= now,  # type: ignore[operator]
+        )
+        claimed = []
+        for submission_id in self._session.scalars(due.order_by(OutboxSubmission.next_attempt_at).limit(limit)):  # type: ignore[arg-type]
+            result = self._session.execute(
+                update(OutboxSubmission)
+                .where(OutboxSubmission.id == submission_id, OutboxSubmission.next_attempt_at <= now)  # type: ignore[operator]
+                .values(next_attempt_at=lease_until)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(submission_id)
+        return claimed
 
     # -- discrepancies --------------------------------------------------------
 
