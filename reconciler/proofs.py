@@ -20,12 +20,13 @@ verifies here and a corrupted one does not. A root that cannot be recomputed is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from decimal import Context, Decimal
+from decimal import Decimal
 from typing import Any
 
 from Crypto.Hash import keccak
+
+from storage import jsonio
 
 PROOF_VERSION = "pacspace-merkle-v1/raw-digests/item-fields-v1"
 ITEM_PREFIX = b"pacspace:item:v1:"
@@ -43,39 +44,10 @@ def keccak256(data: bytes) -> bytes:
 
 def canonical_json(value: Any) -> bytes:
     """Keys sorted at every level, no whitespace, numbers in plain decimal, UTF-8."""
-    return _canonical(value).encode("utf-8")
-
-
-def _canonical(value: Any) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise ProofUnverifiable(f"{value} has no JSON form")
-        return _plain(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, Mapping):
-        if not all(isinstance(k, str) for k in value):
-            raise ProofUnverifiable("object keys must be strings")
-        return "{" + ",".join(f"{_canonical(k)}:{_canonical(value[k])}" for k in sorted(value)) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_canonical(v) for v in value) + "]"
-    raise ProofUnverifiable(f"a {type(value).__name__} has no canonical JSON form (floats are not accepted)")
-
-
-def _plain(number: Decimal) -> str:
-    if number.is_zero():
-        return "0"
-    # normalise under a context as wide as the number: the default 28 digits would round
-    exact = Context(prec=len(number.as_tuple().digits))
-    return format(number.normalize(exact), "f")
+    try:
+        return jsonio.dumps_bytes(value, canonical=True)
+    except (ValueError, TypeError) as exc:
+        raise ProofUnverifiable(f"no canonical JSON form: {exc}") from None
 
 
 def proof_item(

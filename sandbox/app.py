@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from reconciler.emit_rules import FieldError, batch_shape_error, delta_errors
 from reconciler.proofs import canonical_json, merkle_root
+from storage import jsonio
 from sandbox.delivery import DeliveryTarget, Dispatcher
 from sandbox.faults import FaultError, Faults
 from sandbox.state import SHAPES, VOCABULARIES, Idempotent, SandboxState, iso
@@ -48,18 +49,7 @@ class ApiError(Exception):
 
 
 def to_json(value: Any) -> bytes:
-    """JSON with amounts written exactly: Decimals as numbers, floats by their shortest repr."""
-    return canonical_json(_exact(value))
-
-
-def _exact(value: Any) -> Any:
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    if isinstance(value, dict):
-        return {k: _exact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_exact(v) for v in value]
-    return value
+    return jsonio.dumps_bytes(value)  # amounts exactly, as Decimals
 
 
 def answer(data: Any, status: int = 200) -> Response:

@@ -1,32 +1,36 @@
 """JSON with exact numbers: Decimals written as they are and read back as Decimals.
 
 The standard library writes no Decimal, and reads fractions as binary floats; money
-must pass through neither. Used for the ledger's JSON columns and our HTTP answers.
+must pass through neither. Used for the ledger's JSON columns, our HTTP answers, the
+sandbox's, and (in canonical form) the proof hashes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from datetime import datetime
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 _string = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def dumps(value: Any) -> str:
-    return "".join(_write(value))
+def dumps(value: Any, *, canonical: bool = False) -> str:
+    """`value` as JSON. `canonical`: keys sorted at every level, numbers in plain decimal
+    without trailing zeros (-42.50 is -42.5), and floats refused (they are not exact)."""
+    return "".join(_write(value, canonical))
 
 
-def dumps_bytes(value: Any) -> bytes:
-    return dumps(value).encode("utf-8")
+def dumps_bytes(value: Any, *, canonical: bool = False) -> bytes:
+    return dumps(value, canonical=canonical).encode("utf-8")
 
 
 def loads(text: str | bytes) -> Any:
     return json.loads(text, parse_float=Decimal)
 
 
-def _write(value: Any) -> Any:
+def _write(value: Any, canonical: bool) -> Iterator[str]:
     if value is None:
         yield "null"
     elif value is True:
@@ -38,25 +42,39 @@ def _write(value: Any) -> Any:
     elif isinstance(value, int):
         yield str(value)
     elif isinstance(value, Decimal):
-        if not value.is_finite():
-            raise ValueError(f"{value} has no JSON form")
-        yield format(value, "f") if value.as_tuple().exponent <= 0 else str(int(value))
+        yield _decimal(value, canonical)
     elif isinstance(value, float):
+        if canonical:
+            raise ValueError("a float has no canonical form (it is not exact): use Decimal")
         yield repr(value)
-    elif isinstance(value, datetime):
+    elif isinstance(value, datetime) and not canonical:
         yield _string(value.isoformat().replace("+00:00", "Z"))
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
+        if canonical and not all(isinstance(key, str) for key in value):
+            raise ValueError("object keys must be strings")
+        keys = sorted(value) if canonical else list(value)
         yield "{"
-        for n, (key, item) in enumerate(value.items()):
+        for n, key in enumerate(keys):
             yield ("," if n else "") + _string(str(key)) + ":"
-            yield from _write(item)
+            yield from _write(value[key], canonical)
         yield "}"
     elif isinstance(value, (list, tuple)):
         yield "["
         for n, item in enumerate(value):
             if n:
                 yield ","
-            yield from _write(item)
+            yield from _write(item, canonical)
         yield "]"
     else:
         raise TypeError(f"a {type(value).__name__} has no JSON form")
+
+
+def _decimal(number: Decimal, canonical: bool) -> str:
+    if not number.is_finite():
+        raise ValueError(f"{number} has no JSON form")
+    if canonical:
+        if number.is_zero():
+            return "0"
+        # normalise under a context as wide as the number: the default 28 digits would round
+        number = number.normalize(Context(prec=len(number.as_tuple().digits)))
+    return format(number, "f")
