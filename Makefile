@@ -18,7 +18,8 @@ venv: $(BIN)/.installed
 
 run: venv
 	@test -f .env || { \
-	  printf 'PACRECON_WEBHOOK_SECRETS=whsec_dev_%s\nPACRECON_PACSPACE_BASE_URL=http://127.0.0.1:8090\nPACRECON_PACSPACE_API_KEY=sk_sandbox_local\n' \
+	  printf 'PACRECON_WEBHOOK_SECRETS=whsec_dev_%s\nPACRECON_API_TOKEN=dev_%s\nPACRECON_PACSPACE_BASE_URL=http://127.0.0.1:8090\nPACRECON_PACSPACE_API_KEY=sk_sandbox_local\n' \
+	    "$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')" \
 	    "$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')" > .env; \
 	  echo "wrote a development configuration to .env:"; cat .env; }
 	$(BIN)/pacrecon migrate
