@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 import httpx
@@ -20,8 +21,8 @@ from receiver.webhook import WebhookReceiver, webhook_routes
 from reconciler.errors import PacSpaceError
 from reconciler.outbox import Outbox
 from reconciler.pacspace import PacSpaceClient
+from reconciler.reconcile import Reconciler
 from storage.errors import StorageUnavailable
-from storage.ledger import Ledger
 from storage.sql_ledger import SqlLedger
 
 
@@ -47,7 +48,7 @@ def open_pacspace(settings: Settings) -> tuple[httpx.AsyncClient, PacSpaceClient
     return http, PacSpaceClient(http, settings.pacspace_base_url, settings.pacspace_api_key.get_secret_value())
 
 
-def create_app(settings: Settings, ledger: Ledger, clock: Callable[[], float] = time.time) -> Starlette:
+def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float] = time.time) -> Starlette:
     """The daemon's ASGI app. It owns `ledger` from here on; its lifespan owns the HTTP
     client and the scheduler, and closes all three at shutdown."""
     receiver = WebhookReceiver(
@@ -71,15 +72,14 @@ def create_app(settings: Settings, ledger: Ledger, clock: Callable[[], float] = 
     )
     deltas = DeltasApi(ledger=ledger, outbox=outbox, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
     scheduler = AsyncIOScheduler(timezone="UTC")
-    if outbox is not None:
-        scheduler.add_job(
-            _logged(outbox.resend_due, "outbox_resend"),
-            "interval",
-            seconds=settings.outbox_retry_interval_seconds,
-            id="outbox_resend",
-            max_instances=1,  # never two resend passes at once
-            coalesce=True,
-        )
+    if outbox is not None and pacspace is not None:
+        reconciler = make_reconciler(settings, ledger, pacspace, clock)
+        for name, job, seconds in (
+            ("outbox_resend", outbox.resend_due, settings.outbox_retry_interval_seconds),
+            ("reconcile", reconciler.run_pass, settings.reconcile_interval_seconds),
+        ):
+            # max_instances=1 and coalescing: never two runs of a job at once, no backlog
+            scheduler.add_job(_logged(job, name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -99,17 +99,28 @@ def create_app(settings: Settings, ledger: Ledger, clock: Callable[[], float] = 
     )
 
 
-def _logged(job: Callable[[], Awaitable[int]], name: str) -> Callable[[], Awaitable[None]]:
+def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time) -> Reconciler:
+    return Reconciler(
+        ledger,
+        pacspace,
+        stale_after_seconds=settings.stale_after_seconds,
+        stuck_after_seconds=settings.stuck_after_seconds,
+        concurrency=settings.reconcile_concurrency,
+        clock=clock,
+    )
+
+
+def _logged(job: Callable[[], Awaitable[Any]], name: str) -> Callable[[], Awaitable[None]]:
     """A scheduled job whose failures are one log line (PacSpace or the ledger being away
     is expected; the next run tries again), never a traceback."""
 
     async def run() -> None:
         try:
-            count = await job()
+            result = await job()
         except (StorageUnavailable, PacSpaceError) as exc:
             log.warning("job_failed", job=name, error=str(exc))
         else:
-            if count:
-                log.info("job_done", job=name, count=count)
+            if isinstance(result, int) and result:
+                log.info("job_done", job=name, count=result)
 
     return run

@@ -79,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     imports.add_argument("file", metavar="FILE.jsonl", type=Path)
     imports.set_defaults(run=_import, needs_settings=True)
 
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="run one reconciliation pass now and print its summary",
+        description="Look up every stale delta at PacSpace, compare, fix or report (the daemon does this "
+        "every PACRECON_RECONCILE_INTERVAL_SECONDS). Exit 0 when no discrepancy is open afterwards, "
+        "1 when some are, 2 when the pass could not run.",
+    )
+    reconcile.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
+    reconcile.add_argument("--dry-run", action="store_true", help="change nothing: report what a pass would do")
+    reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
+    reconcile.set_defaults(run=_reconcile, needs_settings=True)
+
     sandbox = commands.add_parser(
         "sandbox",
         help="run a local PacSpace (API, webhooks, faults) for trying pacrecon without an account",
@@ -248,6 +260,50 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
     summary = {"imported": len(report.imported), "already_known": report.known, "invalid": sorted(invalid, key=lambda i: i["line"])}
     print(jsonio.dumps(summary))
     return EXIT_FAILED if invalid else 0
+
+
+def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from pacrecon.logs import configure_logging
+
+    configure_logging("warning", settings.log_format, settings.secret_values())
+    summary = asyncio.run(_reconcile_once(settings, args.dry_run))
+    if args.json:
+        from storage import jsonio
+
+        print(jsonio.dumps(summary))
+    else:
+        for key, value in summary.items():
+            if key == "found":
+                value = ", ".join(f"{kind} {count}" for kind, count in value.items()) or "nothing"
+            print(f"{key.replace('_', ' '):<24} {'' if value is None else value}")
+    if summary["status"] != "completed":
+        return EXIT_REFUSED
+    return EXIT_FAILED if summary["open_discrepancies"] else 0
+
+
+async def _reconcile_once(settings: Settings, dry_run: bool) -> dict[str, object]:
+    import anyio.to_thread
+
+    from pacrecon.app import make_reconciler, open_ledger, open_pacspace
+    from storage.errors import SchemaNotCurrent, StorageUnavailable
+
+    http, pacspace = open_pacspace(settings)
+    if pacspace is None:
+        await http.aclose()
+        raise ConfigurationError("PACRECON_PACSPACE_API_KEY: needed to look deltas up at PacSpace")
+    ledger = open_ledger(settings)
+    try:
+        try:
+            await anyio.to_thread.run_sync(ledger.check_schema)
+        except SchemaNotCurrent as exc:
+            raise Refusal(str(exc)) from None
+        except StorageUnavailable as exc:
+            raise Refusal(f"the ledger is unreachable: {exc}") from None
+        summary = await make_reconciler(settings, ledger, pacspace).run_pass(dry_run=dry_run)
+        return summary.as_dict()
+    finally:
+        await http.aclose()
+        await anyio.to_thread.run_sync(ledger.close)
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -33,9 +33,11 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     pacspace_timeout_seconds: float = Field(10.0, gt=0, le=300)
     outbox_retry_interval_seconds: float = Field(5.0, gt=0, le=3600)
-    outbox_lease_seconds: float = Field(60.0, gt=0, le=3600)
+    outbox_lease_seconds: float = Field(120.0, gt=0, le=3600)
     stale_after_seconds: int = Field(300, ge=1)
     reconcile_interval_seconds: int = Field(60, ge=1)
+    stuck_after_seconds: int = Field(3600, ge=1)
+    reconcile_concurrency: int = Field(8, ge=1, le=256)
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -51,6 +53,12 @@ class Settings(BaseSettings):
                 raise ValueError("comma-separated secrets must not be empty")
             return tuple(part for part in parts if part)
         return value
+
+    @field_validator("pacspace_api_key", "admin_token", "api_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # an empty token must disable its routes, never match an empty "Bearer"
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

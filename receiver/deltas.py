@@ -100,7 +100,7 @@ class DeltasApi:
         try:
             body = jsonio.loads(raw)
         except (ValueError, RecursionError):
-            raise RequestError(400, "validation_error", "the body must be JSON: a list of emit answers, or {\"records\": [...]}") from None
+            raise RequestError(400, "validation_error", "the body must be JSON (no NaN): a list of emit answers, or {\"records\": [...]}") from None
         records = body.get("records") if isinstance(body, dict) else body
         if not isinstance(records, list) or not 1 <= len(records) <= IMPORT_MAX_RECORDS:
             raise RequestError(400, "validation_error", f"records: a list of 1 to {IMPORT_MAX_RECORDS} emit answers")
@@ -165,6 +165,6 @@ def _decode_cursor(cursor: str | None) -> int | None:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         text = ""
     kind, _, value = text.partition(":")
-    if kind != "id" or not (value.isascii() and value.isdigit()):
+    if kind != "id" or not (value.isascii() and value.isdigit() and len(value) <= 18):
         raise RequestError(400, "validation_error", "cursor: not a cursor this API returned")
     return int(value)

@@ -15,7 +15,7 @@ from reconciler.claims import ChainNeighbours, ClaimedStatus, DeltaClaim, Findin
 from reconciler.events import PacSpaceEvent, parse_event
 from storage.models import Discrepancy, LocalDelta, WebhookEvent
 from storage.session import LedgerSession
-from storage.vocabulary import DeltaStatus, DetectedBy, EventOutcome, VerifiedBy
+from storage.vocabulary import DeltaStatus, DetectedBy, DiscrepancyKind, EventOutcome, VerifiedBy
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ def _apply_event(session: LedgerSession, event: WebhookEvent, claim: DeltaClaim,
     for delta in deltas:
         findings += apply_claim(session, delta, claim, now, event_id=event.event_id, by=VerifiedBy.WEBHOOK)
     outcome = EventOutcome.DISCREPANCY if findings else EventOutcome.APPLIED
+    if event.outcome == EventOutcome.ORPHAN.value:  # matched at last: it is no orphan any more
+        session.resolve_open(DiscrepancyKind.ORPHAN_WEBHOOK.value, f"event:{event.event_id}", "matched to a delta", now)
     event.outcome = outcome.value
     event.applied_at = now
     return Recorded(
@@ -127,19 +129,25 @@ def apply_claim(
     """Compare `claim` with `delta`; apply it when they agree, else open a discrepancy
     per finding and leave `delta` untouched. Returns the findings."""
     findings = compare(delta, claim, _chain_neighbours(session, delta, claim))
+    # one sighting of a gap is one discrepancy update, however many fields show it
+    grouped: dict[tuple[str, int | None], list[Finding]] = {}
     for finding in findings:
-        subject_id = finding.other_delta_id or delta.id
+        grouped.setdefault((finding.kind.value, finding.other_delta_id or delta.id), []).append(finding)
+    for (kind, subject_id), same in grouped.items():
+        evidence = same[0].evidence()
+        if len(same) > 1:
+            evidence["also"] = [other.evidence() for other in same[1:]]
         session.open_discrepancy(
             Discrepancy(
-                kind=finding.kind.value,
+                kind=kind,
                 subject=f"delta:{subject_id}",
                 delta_id=subject_id,
-                anchor_id=delta.anchor_id if finding.other_delta_id is None else None,
+                anchor_id=delta.anchor_id if same[0].other_delta_id is None else None,
                 customer_id=delta.customer_id,
                 event_id=event_id,
                 run_id=run_id,
                 detected_by=(DetectedBy.WEBHOOK if by is VerifiedBy.WEBHOOK else DetectedBy.RECONCILER).value,
-                evidence=finding.evidence(),
+                evidence=evidence,
             ),
             now,
         )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 
+from reconciler.proofs import PROOF_VERSION, ProofUnverifiable, merkle_root
 from storage.models import LocalDelta
 from storage.vocabulary import DeltaStatus, DiscrepancyKind
 
@@ -179,7 +180,28 @@ def _proof_findings(delta: LocalDelta, claim: DeltaClaim) -> list[Finding]:
                     "our item's hash is not among the verified item hashes",
                 )
             )
+    if not findings and claim.item_hashes and claim.receipt_id:
+        findings += _root_findings(claim.item_hashes, claim.receipt_id)
     return findings
+
+
+def _root_findings(item_hashes: tuple[str, ...], receipt_id: str) -> list[Finding]:
+    """PacSpace's root must recompute from its own item hashes (reconciler.proofs)."""
+    try:
+        root = merkle_root(item_hashes)
+    except ProofUnverifiable as exc:
+        return [Finding(DiscrepancyKind.UNVERIFIABLE, "itemHashes", None, None, f"the root cannot be recomputed: {exc}")]
+    if same_hash(root, receipt_id):
+        return []
+    return [
+        Finding(
+            DiscrepancyKind.UNVERIFIABLE,
+            "receiptId",
+            root,
+            receipt_id,
+            f"PacSpace's receipt is not the Merkle root of its item hashes ({PROOF_VERSION})",
+        )
+    ]
 
 
 def _chain_findings(delta: LocalDelta, claim: DeltaClaim, chain: ChainNeighbours) -> list[Finding]:

@@ -35,5 +35,9 @@ class PacSpaceError(Exception):
 
     @property
     def final(self) -> bool:
-        """A refusal that sending the same request again will not change."""
-        return not self.retryable and self.code not in ("CADENCE_LIMIT", "IDEMPOTENCY_PENDING")
+        """PacSpace itself refused the request for good: a validation error (400), no credits
+        (402), no contract (412), or our key reused with another body (409). Anything else
+        (a wrong API key, a proxy's error page, an odd answer) may change: send it again later."""
+        if self.code.startswith("HTTP_") or self.code == "INVALID_RESPONSE":
+            return False  # not PacSpace's own word: a proxy, a load balancer, a broken answer
+        return self.status in (400, 402, 412) or self.code == "IDEMPOTENCY_CONFLICT"

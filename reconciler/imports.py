@@ -10,11 +10,16 @@ from typing import Any
 from reconciler.apply import match_orphans
 from reconciler.emit_rules import CUSTOMER_ID
 from reconciler.pacspace import amount_from, time_from
+from reconciler.outbox import METADATA_MAX_BYTES, REFERENCE_MAX
+from storage import jsonio
 from storage.errors import AmountOutOfRange
 from storage.models import LocalDelta
 from storage.session import LedgerSession
 from storage.types import amount_to_units
 from storage.vocabulary import DeltaSource, DeltaStatus
+
+
+HASH_MAX = 130
 
 
 class InvalidRecord(ValueError):
@@ -48,6 +53,19 @@ def items_of(record: Any) -> list[dict[str, Any]]:
     return [record]
 
 
+def _text(item: dict[str, Any], name: str, limit: int) -> str | None:
+    """An optional string field, refused (InvalidRecord) when the ledger cannot hold it."""
+    value = item.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRecord(f"{name} must be a string")
+    problem = jsonio.storable_text_error(value)
+    if problem or len(value) > limit:
+        raise InvalidRecord(f"{name} {problem or f'must be at most {limit} characters'}")
+    return value
+
+
 def delta_from(item: dict[str, Any], now: datetime) -> LocalDelta:
     anchor_id = item.get("anchorId") or item.get("recordId")
     if not isinstance(anchor_id, str) or not anchor_id or len(anchor_id) > 128:
@@ -62,25 +80,30 @@ def delta_from(item: dict[str, Any], now: datetime) -> LocalDelta:
         amount_to_units(amount)
     except AmountOutOfRange as exc:
         raise InvalidRecord(f"delta: {exc}") from None
-    hashes = [h for h in item.get("itemHashes") or [] if isinstance(h, str)]
-    item_hash = item.get("itemHash") if isinstance(item.get("itemHash"), str) else (hashes[0] if len(hashes) == 1 else None)
+    listed = item.get("itemHashes") if isinstance(item.get("itemHashes"), list) else []
+    hashes = [h for h in listed if isinstance(h, str) and len(h) <= HASH_MAX and not jsonio.storable_text_error(h)]
+    item_hash = _text(item, "itemHash", HASH_MAX) or (hashes[0] if len(hashes) == 1 else None)
     if item_hash is None:
         raise InvalidRecord("itemHash (or a single itemHashes entry) is required")
-    receipt = item.get("receiptId") or item.get("itemsRoot")
-    reason = item.get("reason")
+    receipt = _text(item, "receiptId", HASH_MAX) or _text(item, "itemsRoot", HASH_MAX)
+    reference_id = _text(item, "referenceId", REFERENCE_MAX)
+    reason = _text(item, "reason", 500)
+    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else None
+    if metadata is not None and (jsonio.storable_text_error(metadata) or len(jsonio.dumps_bytes(metadata)) > METADATA_MAX_BYTES):
+        raise InvalidRecord("metadata cannot be stored (NUL, unpaired surrogates, or over 16 KiB)")
     return LocalDelta(
         anchor_id=anchor_id,
         item_hash=item_hash,
         customer_id=customer_id,
         amount=amount,
-        reason=reason[:500] if isinstance(reason, str) else "",  # emit answers do not repeat the reason
-        reference_id=item.get("referenceId") if isinstance(item.get("referenceId"), str) else None,
-        delta_metadata=item.get("metadata") if isinstance(item.get("metadata"), dict) else None,
+        reason=reason or "",  # emit answers do not repeat the reason
+        reference_id=reference_id,
+        delta_metadata=metadata,
         idempotency_key=f"import:{anchor_id}:{item_hash}"[:255],
         source=DeltaSource.IMPORT.value,
         status=DeltaStatus.QUEUED.value,
         receipt_id=receipt if isinstance(receipt, str) else None,
-        items_root=(item.get("itemsRoot") or receipt) if isinstance(item.get("itemsRoot") or receipt, str) else None,
+        items_root=_text(item, "itemsRoot", HASH_MAX) or receipt,
         item_hashes=hashes or [item_hash],
         emitted_at=time_from(item.get("receivedAt")) or now,
         created_at=now,

@@ -17,13 +17,14 @@ from functools import partial
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 
 from reconciler.apply import match_orphans
 from reconciler.emit_rules import FieldError, batch_shape_error, delta_errors
 from reconciler.errors import PacSpaceError
 from reconciler.pacspace import BatchAnswer, EmitAnswer, PacSpaceClient, time_from
 from storage import jsonio
-from storage.errors import AmountOutOfRange
+from storage.errors import AmountOutOfRange, StorageUnavailable
 from storage.ledger import Ledger
 from storage.models import LocalDelta, OutboxSubmission
 from storage.session import LedgerSession
@@ -77,8 +78,9 @@ def parse_request(raw: bytes, kind: str, client_key: str | None = None, credit_p
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidRequest([FieldError("body", "must be UTF-8 JSON")]) from None
     errors: list[FieldError] = []
-    if client_key is not None and not (0 < len(client_key) <= CLIENT_KEY_MAX and client_key.isascii() and client_key.isprintable()):
-        errors.append(FieldError("Idempotency-Key", f"must be 1 to {CLIENT_KEY_MAX} printable ASCII characters"))
+    for header, value in (("Idempotency-Key", client_key), ("X-Credit-Pool-Id", credit_pool_id)):
+        if value is not None and not (0 < len(value) <= CLIENT_KEY_MAX and value.isascii() and value.isprintable()):
+            errors.append(FieldError(header, f"must be 1 to {CLIENT_KEY_MAX} printable ASCII characters"))
     if kind == "batch":
         shape = batch_shape_error(body)
         if shape is not None:
@@ -97,7 +99,8 @@ def parse_request(raw: bytes, kind: str, client_key: str | None = None, credit_p
         kind=kind,
         items=tuple(forwarded),
         body=payload,
-        fingerprint=hashlib.sha256(kind.encode() + b"\n" + payload).hexdigest(),
+        # the same key with another pool is another request
+        fingerprint=hashlib.sha256(f"{kind}\n{credit_pool_id or ''}\n".encode() + payload).hexdigest(),
         client_key=client_key,
         credit_pool_id=credit_pool_id,
     )
@@ -105,6 +108,10 @@ def parse_request(raw: bytes, kind: str, client_key: str | None = None, credit_p
 
 def _ledger_errors(item: dict[str, Any], prefix: str) -> list[FieldError]:
     errors = []
+    for name in ("reason", "referenceId", "metadata"):
+        problem = jsonio.storable_text_error(item.get(name))
+        if problem:
+            errors.append(FieldError(f"{prefix}{name}", problem))
     try:
         amount_to_units(Decimal(item["delta"]))
     except AmountOutOfRange:
@@ -130,7 +137,7 @@ class Outbox:
         ledger: Ledger,
         client: PacSpaceClient,
         *,
-        lease_seconds: float = 60.0,
+        lease_seconds: float = 120.0,
         resend_base_seconds: float = RESEND_BASE_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -146,7 +153,12 @@ class Outbox:
     async def submit(self, request: OutboxRequest) -> OutboxAnswer:
         """Commit the request's deltas as PENDING, then send them; the answer to give the caller."""
         now = self._now()
-        outcome = await self.ledger.transact(partial(_commit, request=request, now=now, lease_until=now + self.lease))
+        commit = partial(_commit, request=request, now=now, lease_until=now + self.lease)
+        try:
+            outcome = await self.ledger.transact(commit)
+        except IntegrityError:
+            # another replica committed the same caller key a moment ago: answer as a repeat
+            outcome = await self.ledger.transact(commit)
         if isinstance(outcome, OutboxAnswer):  # the caller's key was seen before
             return outcome
         return await self.send(outcome)
@@ -156,12 +168,15 @@ class Outbox:
         job = await self.ledger.read(partial(_sendable, submission_id=submission_id))
         if isinstance(job, OutboxAnswer):
             return job  # answered already
-        kind, key, body, pool = job
+        kind, key, body, pool, items = job
         try:
             if kind == "single":
                 answer: EmitAnswer | BatchAnswer = await self.client.emit(body, idempotency_key=key, credit_pool_id=pool)
             else:
                 answer = await self.client.emit_batch(body, idempotency_key=key, credit_pool_id=pool)
+                listed = sorted(result.index for result in answer.results)
+                if listed != list(range(items)):
+                    raise PacSpaceError(200, "INVALID_RESPONSE", f"the batch answer lists items {listed[:10]}, not 0 to {items - 1}", retryable=True)
         except PacSpaceError as error:
             log.warning("emit_failed", submission_id=submission_id, code=error.code, status=error.status, final=error.final)
             if error.final:
@@ -169,7 +184,13 @@ class Outbox:
             else:
                 record = partial(_record_failure, submission_id=submission_id, error=error, now=self._now(), base=self.resend_base_seconds)
             return await self.ledger.transact(record)
-        result = await self.ledger.transact(partial(_record_answer, submission_id=submission_id, answer=answer, now=self._now()))
+        try:
+            result = await self.ledger.transact(partial(_record_answer, submission_id=submission_id, answer=answer, now=self._now()))
+        except IntegrityError as exc:  # e.g. the same anchor and item already registered by an import
+            error = PacSpaceError(200, "UNRECORDABLE", f"PacSpace's answer cannot be recorded: {type(exc.orig).__name__}", retryable=True)
+            return await self.ledger.transact(
+                partial(_record_failure, submission_id=submission_id, error=error, now=self._now(), base=self.resend_base_seconds)
+            )
         log.info("emitted", submission_id=submission_id, kind=kind)
         return result
 
@@ -178,7 +199,16 @@ class Outbox:
         now = self._now()
         claimed = await self.ledger.transact(lambda s: s.claim_due_submissions(now, now + self.lease, limit))
         for submission_id in claimed:
-            await self.send(submission_id)
+            try:
+                await self.send(submission_id)
+            except StorageUnavailable:
+                raise  # the ledger is away: the whole job waits for the next run
+            except Exception as exc:  # one bad submission must not hold back the others
+                log.error("resend_failed", submission_id=submission_id, error=f"{type(exc).__name__}: {exc}"[:500])
+                error = PacSpaceError(None, "INTERNAL_ERROR", type(exc).__name__, retryable=True)
+                await self.ledger.transact(
+                    partial(_record_failure, submission_id=submission_id, error=error, now=self._now(), base=self.resend_base_seconds)
+                )
         return len(claimed)
 
 
@@ -228,17 +258,18 @@ def _commit(session: LedgerSession, *, request: OutboxRequest, now: datetime, le
     return int(submission.id or 0)
 
 
-def _sendable(session: LedgerSession, *, submission_id: int) -> tuple[str, str, bytes, str | None] | OutboxAnswer:
+def _sendable(session: LedgerSession, *, submission_id: int) -> tuple[str, str, bytes, str | None, int] | OutboxAnswer:
     submission = session.get_submission(submission_id)
     if submission is None:
         raise LookupError(f"no outbox submission {submission_id}")
     if submission.status != SubmissionStatus.PENDING.value:
         return OutboxAnswer(submission.answer_status or 200, submission.answer or b"{}")
-    return submission.kind, submission.idempotency_key, submission.request_body, submission.credit_pool_id
+    items = len(session.deltas_of_submission(submission_id))
+    return submission.kind, submission.idempotency_key, submission.request_body, submission.credit_pool_id, items
 
 
 def _record_answer(session: LedgerSession, *, submission_id: int, answer: EmitAnswer | BatchAnswer, now: datetime) -> OutboxAnswer:
-    submission = session.get_submission(submission_id)
+    submission = session.get_submission(submission_id, for_update=True)
     assert submission is not None
     if submission.status != SubmissionStatus.PENDING.value:  # another sender recorded it first
         return OutboxAnswer(submission.answer_status or 200, submission.answer or b"{}")
@@ -267,21 +298,16 @@ def _apply_batch_answer(deltas: list[LocalDelta], answer: BatchAnswer, now: date
         if not result.failed and result.anchor_id and result.item_hash:
             hashes.setdefault(result.anchor_id, []).append(result.item_hash)
     raw_results = [r for r in answer.raw.get("results", []) if isinstance(r, dict)]
-    answered: set[int] = set()
     for result, raw in zip(answer.results, raw_results):
         delta = by_index.get(result.index)
         if delta is None:
             continue
-        answered.add(result.index)
         raw["id"] = delta.id
         if result.failed:
             _reject(delta, f"{result.error_code or 'FAILED'}: {result.error_message or 'refused by PacSpace'}", now)
         else:
             _accept(delta, result.anchor_id, result.item_hash, result.receipt_id, result.receipt_id,
                     hashes.get(result.anchor_id or "", []), now, now)
-    for index, delta in by_index.items():
-        if index not in answered:
-            _reject(delta, "PacSpace's batch answer did not list this item", now)
     return {**answer.raw, "results": raw_results}
 
 
@@ -297,7 +323,7 @@ def _reject(delta: LocalDelta, reason: str, now: datetime) -> None:
 
 
 def _record_rejection(session: LedgerSession, *, submission_id: int, error: PacSpaceError, now: datetime) -> OutboxAnswer:
-    submission = session.get_submission(submission_id)
+    submission = session.get_submission(submission_id, for_update=True)
     assert submission is not None
     if submission.status != SubmissionStatus.PENDING.value:
         return OutboxAnswer(submission.answer_status or 200, submission.answer or b"{}")
@@ -320,7 +346,7 @@ def _record_rejection(session: LedgerSession, *, submission_id: int, error: PacS
 def _record_failure(
     session: LedgerSession, *, submission_id: int, error: PacSpaceError, now: datetime, base: float
 ) -> OutboxAnswer:
-    submission = session.get_submission(submission_id)
+    submission = session.get_submission(submission_id, for_update=True)
     assert submission is not None
     deltas = session.deltas_of_submission(submission_id)
     if submission.status != SubmissionStatus.PENDING.value:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from reconciler.claims import ClaimedStatus
 from reconciler.errors import PacSpaceError
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-MAX_RETRY_AFTER = 60.0
+MAX_RETRY_AFTER = 10.0  # longest wait inside one call; a longer ask is left to the caller's schedule
+RETRY_AFTER_CEILING = 3600.0
 
 STATUS_WORDS = {
     "QUEUED": ClaimedStatus.QUEUED,
@@ -150,8 +152,9 @@ class PacSpaceClient:
 
     async def emit_batch(self, body: bytes, *, idempotency_key: str, credit_pool_id: str | None = None) -> BatchAnswer:
         data = await self._call("POST", "/api/v1/balance/delta/batch", body=body, idempotency_key=idempotency_key, credit_pool_id=credit_pool_id)
-        results = tuple(_batch_item(item) for item in data.get("results", []) if isinstance(item, dict))
-        return BatchAnswer(int(data.get("totalQueued", 0)), int(data.get("totalFailed", 0)), results, data)
+        raw_results = data.get("results") if isinstance(data.get("results"), list) else []
+        results = tuple(_batch_item(item) for item in raw_results if isinstance(item, dict))
+        return BatchAnswer(_count(data.get("totalQueued")), _count(data.get("totalFailed")), results, data)
 
     async def delta_status(self, anchor_id: str) -> StatusAnswer:
         data = await self._call("GET", f"/api/v1/balance/delta/{_segment(anchor_id)}")
@@ -261,10 +264,11 @@ def _error_of(response: httpx.Response) -> PacSpaceError | None:
 def _retry_after(response: httpx.Response, error: dict[str, Any]) -> float | None:
     for value in (error.get("retryAfterSeconds"), response.headers.get("retry-after")):
         try:
-            if value is not None and not isinstance(value, bool):
-                return float(value)
+            seconds = float(value) if value is not None and not isinstance(value, bool) else None
         except (TypeError, ValueError):
             continue  # an HTTP date: fall back to our own backoff
+        if seconds is not None and math.isfinite(seconds):
+            return min(max(seconds, 0.0), RETRY_AFTER_CEILING)
     return None
 
 
@@ -305,6 +309,10 @@ def _batch_item(item: dict[str, Any]) -> BatchItemAnswer:
         error_code=code,
         error_message=message,
     )
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) and 0 <= value < 10**6 else 0
 
 
 def _str(value: Any) -> str | None:

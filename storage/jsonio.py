@@ -27,7 +27,31 @@ def dumps_bytes(value: Any, *, canonical: bool = False) -> bytes:
 
 
 def loads(text: str | bytes) -> Any:
-    return json.loads(text, parse_float=Decimal)
+    """Fractions as Decimal; NaN and Infinity, which JSON does not have, refused (ValueError)."""
+    return json.loads(text, parse_float=Decimal, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def storable_text_error(value: Any) -> str | None:
+    """Why a string (or any string inside a JSON value) cannot be stored on both databases:
+    PostgreSQL refuses NUL, and UTF-8 has no lone surrogates. None when it can."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain NUL characters"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "must not contain unpaired surrogates"
+        return None
+    if isinstance(value, Mapping):
+        return next((e for e in map(storable_text_error, [*value.keys(), *value.values()]) if e), None)
+    if isinstance(value, (list, tuple)):
+        return next((e for e in map(storable_text_error, value) if e), None)
+    return None
 
 
 def _write(value: Any, canonical: bool) -> Iterator[str]:

@@ -109,6 +109,7 @@ class WebhookEvent(SQLModel, table=True):
         Index("ix_webhook_event_orphan_anchor", "anchor_id", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
         Index("ix_webhook_event_orphan_item", "item_hash", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
         Index("ix_webhook_event_orphan_receipt", "receipt_id", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
+        Index("ix_webhook_event_orphan_age", "received_at", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -176,3 +177,20 @@ class ReconciliationRun(SQLModel, table=True):
     errors: int = 0
     found: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error_detail: str | None = Field(default=None, max_length=4000)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One change made by the reconciler or a person: what, when, before -> after, by whom."""
+
+    __tablename__ = "audit_entry"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _time(nullable=False, index=True)
+    actor: str = Field(max_length=64)  # "reconciler", or "admin"
+    action: str = Field(max_length=64)  # mark_verified, mark_failed, resend, resolve, ...
+    run_id: int | None = Field(default=None, foreign_key="reconciliation_run.id", index=True)
+    delta_id: int | None = Field(default=None, foreign_key="local_delta.id", index=True)
+    discrepancy_id: int | None = Field(default=None, foreign_key="discrepancy.id")
+    before: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    after: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    note: str | None = Field(default=None, max_length=2000)

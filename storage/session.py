@@ -11,7 +11,16 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.models import ORPHAN_PREDICATE, UNSETTLED_PREDICATE, Discrepancy, LocalDelta, OutboxSubmission, WebhookEvent
+from storage.models import (
+    ORPHAN_PREDICATE,
+    UNSETTLED_PREDICATE,
+    AuditEntry,
+    Discrepancy,
+    LocalDelta,
+    OutboxSubmission,
+    ReconciliationRun,
+    WebhookEvent,
+)
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
 from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 
@@ -151,8 +160,9 @@ class LedgerSession:
         self._session.flush()
         return submission
 
-    def get_submission(self, submission_id: int) -> OutboxSubmission | None:
-        return self._session.get(OutboxSubmission, submission_id)
+    def get_submission(self, submission_id: int, for_update: bool = False) -> OutboxSubmission | None:
+        """`for_update`: lock the row (PostgreSQL) so two replicas record one answer, not two."""
+        return self._session.get(OutboxSubmission, submission_id, with_for_update=for_update or None)
 
     def submission_by_client_key(self, client_key: str) -> OutboxSubmission | None:
         statement = select(OutboxSubmission).where(OutboxSubmission.client_key == client_key)
@@ -216,6 +226,52 @@ class LedgerSession:
         # the upsert in open_discrepancy bypasses the identity map: never hand out a stale row
         statement = statement.order_by(Discrepancy.id).execution_options(populate_existing=True)
         return list(self._session.scalars(statement))
+
+    def record_fixed(self, finding: Discrepancy, note: str, now: datetime) -> int:
+        """Record a gap that was found and fixed in the same breath (e.g. a missing webhook
+        whose proofs checked out): a discrepancy row born resolved."""
+        finding.status = DiscrepancyStatus.RESOLVED.value
+        finding.first_seen_at = finding.last_seen_at = finding.resolved_at = now
+        finding.resolution_note = note[:2000]
+        self._session.add(finding)
+        self._session.flush()
+        return int(finding.id or 0)
+
+    def resolve_open(self, kind: str, subject: str, note: str, now: datetime) -> list[int]:
+        """Resolve the open discrepancy of `kind` about `subject`, if there is one."""
+        resolved = []
+        for row in self.open_discrepancies(subject):
+            if row.kind == kind:
+                row.status, row.resolved_at, row.resolution_note = DiscrepancyStatus.RESOLVED.value, now, note[:2000]
+                resolved.append(int(row.id or 0))
+        return resolved
+
+    def count_open_discrepancies(self) -> int:
+        statement = select(func.count()).select_from(Discrepancy).where(Discrepancy.status == DiscrepancyStatus.OPEN.value)
+        return int(self._session.execute(statement).scalar_one())
+
+    # -- reconciliation runs and the audit trail ---------------------------------------
+
+    def add_run(self, run: ReconciliationRun) -> int:
+        self._session.add(run)
+        self._session.flush()
+        return int(run.id or 0)
+
+    def get_run(self, run_id: int) -> ReconciliationRun | None:
+        return self._session.get(ReconciliationRun, run_id)
+
+    def add_audit(self, entry: AuditEntry) -> None:
+        self._session.add(entry)
+
+    def audit_entries(self, delta_id: int | None = None) -> list[AuditEntry]:
+        statement = select(AuditEntry)
+        if delta_id is not None:
+            statement = statement.where(AuditEntry.delta_id == delta_id)
+        return list(self._session.scalars(statement.order_by(AuditEntry.id)))
+
+    def orphans_received_before(self, cutoff: datetime, limit: int) -> list[WebhookEvent]:
+        statement = select(WebhookEvent).where(ORPHAN_PREDICATE, WebhookEvent.received_at < cutoff)  # type: ignore[operator]
+        return list(self._session.scalars(statement.order_by(WebhookEvent.received_at).limit(limit)))  # type: ignore[arg-type]
 
     # -- events, counted -------------------------------------------------------
 

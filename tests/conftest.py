@@ -43,11 +43,13 @@ def postgres_url() -> Iterator[str]:
 
 
 def empty_postgres(url: str) -> None:
+    import storage.models  # noqa: F401  (every table on the metadata)
+    from sqlmodel import SQLModel
+
+    tables = ", ".join(table.name for table in SQLModel.metadata.sorted_tables)
     engine = make_engine(url)
     with engine.begin() as connection:
-        connection.execute(
-            text("TRUNCATE discrepancy, webhook_event, local_delta, reconciliation_run RESTART IDENTITY CASCADE")
-        )
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 

@@ -15,7 +15,17 @@ from storage.models import LocalDelta
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
 from storage.vocabulary import DeltaStatus, DiscrepancyKind, EventOutcome
+from reconciler.proofs import keccak256, merkle_root
 from tests.webhooks import envelope
+
+
+def H(label: str) -> str:
+    """A real 32-byte hash for a test label."""
+    return "0x" + keccak256(label.encode()).hex()
+
+
+BATCH_ROOT = merkle_root([H("item1"), H("item2"), H("item3")])
+PAIR_ROOT = merkle_root([H("item1"), H("item2")])
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=30)
@@ -24,16 +34,16 @@ LATER = NOW + timedelta(seconds=30)
 def local(n: int, **fields: Any) -> LocalDelta:
     values: dict[str, Any] = dict(
         anchor_id=f"a_{n}",
-        item_hash=f"0xitem{n}",
+        item_hash=H(f"item{n}"),
         customer_id="cust_1",
         amount=Decimal("-42.50"),
         reason="usage",
         idempotency_key=f"key_{n}",
         source="outbox",
         status=DeltaStatus.QUEUED.value,
-        receipt_id=f"0xroot{n}",
-        items_root=f"0xroot{n}",
-        item_hashes=[f"0xitem{n}"],
+        receipt_id=H(f"item{n}"),  # a single item's root is its leaf
+        items_root=H(f"item{n}"),
+        item_hashes=[H(f"item{n}")],
         created_at=NOW,
         updated_at=NOW,
         emitted_at=NOW,
@@ -57,12 +67,12 @@ def receive(ledger: SqlLedger, body: dict[str, Any] | bytes, now: datetime = LAT
 def verified(n: int, **data: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "recordId": f"a_{n}",
-        "receiptId": f"0xroot{n}",
+        "receiptId": H(f"item{n}"),
         "customerId": "cust_1",
         "delta": -42.5,
         "sequenceNumber": str(n),
         "verificationReference": f"vr_{n}",
-        "itemHashes": [f"0xitem{n}"],
+        "itemHashes": [H(f"item{n}")],
         "txHash": f"0xtx{n}",
     }
     fields.update(data)
@@ -102,16 +112,16 @@ def test_a_repeated_event_changes_nothing(ledger: SqlLedger) -> None:
 
 def test_a_forged_receipt_opens_a_discrepancy_and_leaves_our_record(ledger: SqlLedger) -> None:
     (delta_id,) = register(ledger, local(1))
-    body = verified(1, receiptId="0xforged")
+    body = verified(1, receiptId=H("forged"))
     result = receive(ledger, body)
     assert result.outcome is EventOutcome.DISCREPANCY
     delta = get(ledger, delta_id)
-    assert (delta.status, delta.receipt_id, delta.sequence_number) == ("QUEUED", "0xroot1", None)
+    assert (delta.status, delta.receipt_id, delta.sequence_number) == ("QUEUED", H("item1"), None)
     (row,) = ledger.read_sync(lambda s: s.open_discrepancies())
     assert (row.kind, row.delta_id, row.detected_by, row.event_id) == ("receipt_mismatch", delta_id, "webhook", body["id"])
-    assert (row.evidence["ours"], row.evidence["theirs"]) == ("0xroot1", "0xforged")
+    assert (row.evidence["ours"], row.evidence["theirs"]) == (H("item1"), H("forged"))
     # PacSpace delivers the same wrong claim again under a new event id: still one open discrepancy
-    receive(ledger, verified(1, receiptId="0xforged"))
+    receive(ledger, verified(1, receiptId=H("forged")))
     (row,) = ledger.read_sync(lambda s: s.open_discrepancies())
     assert row.occurrences == 2
 
@@ -156,38 +166,46 @@ def test_an_event_before_its_delta_is_an_orphan_until_the_delta_is_recorded(ledg
 
 
 def test_a_batch_anchor_is_matched_item_by_item(ledger: SqlLedger) -> None:
-    items = [local(n, anchor_id="a_batch", receipt_id="0xbatch", items_root="0xbatch") for n in (1, 2, 3)]
+    items = [local(n, anchor_id="a_batch", receipt_id=BATCH_ROOT, items_root=BATCH_ROOT) for n in (1, 2, 3)]
     ids = register(ledger, *items)
-    proof = {"proofHash": "0xbatch", "contentHash": "0xitem2", "itemHashes": ["0xitem1", "0xitem2", "0xitem3"]}
+    proof = {"proofHash": BATCH_ROOT, "contentHash": H("item2"), "itemHashes": [H("item1"), H("item2"), H("item3")]}
     result = receive(ledger, envelope("delta.verified", {"anchorId": "a_batch", "proof": proof}))
     assert (result.outcome, result.delta_ids) == (EventOutcome.APPLIED, (ids[1],))
     assert [get(ledger, i).status for i in ids] == ["QUEUED", "VERIFIED", "QUEUED"]
 
 
 def test_a_whole_batch_anchor_verified_at_once(ledger: SqlLedger) -> None:
-    items = [local(n, anchor_id="a_batch", receipt_id="0xbatch", items_root="0xbatch") for n in (1, 2)]
+    items = [local(n, anchor_id="a_batch", receipt_id=PAIR_ROOT, items_root=PAIR_ROOT) for n in (1, 2)]
     ids = register(ledger, *items)
-    data = {"recordId": "a_batch", "receiptId": "0xbatch", "itemHashes": ["0xitem1", "0xitem2"]}
+    data = {"recordId": "a_batch", "receiptId": PAIR_ROOT, "itemHashes": [H("item1"), H("item2")]}
     assert receive(ledger, envelope("delta.verified", data)).delta_ids == tuple(ids)
     assert [get(ledger, i).status for i in ids] == ["VERIFIED", "VERIFIED"]
 
 
 def test_an_item_missing_from_the_verified_hashes(ledger: SqlLedger) -> None:
     register(ledger, local(1))
-    receive(ledger, verified(1, itemHashes=["0xsomeone-else"]))
+    receive(ledger, verified(1, itemHashes=[H("someone else")]))
     assert open_kinds(ledger) == ["item_hash_mismatch"]
 
 
 def test_a_claim_without_anchor_is_matched_by_its_content_hash(ledger: SqlLedger) -> None:
     (delta_id,) = register(ledger, local(1))
-    proof = {"proofHash": "0xroot1", "contentHash": "0xitem1", "itemHashes": ["0xitem1"]}
+    proof = {"proofHash": H("item1"), "contentHash": H("item1"), "itemHashes": [H("item1")]}
     assert receive(ledger, envelope("delta.verified", {"proof": proof})).delta_ids == (delta_id,)
+
+
+def test_a_root_that_does_not_recompute_is_unverifiable(ledger: SqlLedger) -> None:
+    (delta_id,) = register(ledger, local(1))
+    # our hash is there and the receipt is ours, but the root is not the root of these hashes
+    receive(ledger, verified(1, itemHashes=[H("item1"), H("stowaway")]))
+    (row,) = ledger.read_sync(lambda s: s.open_discrepancies())
+    assert (row.kind, row.evidence["field"]) == ("unverifiable", "receiptId") and get(ledger, delta_id).status == "QUEUED"
 
 
 def test_a_broken_proof_chain(ledger: SqlLedger) -> None:
     first, second = register(ledger, local(1), local(2))
     receive(ledger, verified(1))
-    good_link = verified(2, proof={"previousProofHash": "0xroot1"})
+    good_link = verified(2, proof={"previousProofHash": H("item1")})
     bad_link = verified(2, proof={"previousProofHash": "0xnot-the-previous"})
     receive(ledger, bad_link)
     assert open_kinds(ledger) == ["chain_broken"] and get(ledger, second).status == "QUEUED"

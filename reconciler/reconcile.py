@@ -1,0 +1,430 @@
+"""A reconciliation pass: every delta that should have been confirmed and was not is
+looked up at PacSpace, compared with our record, and fixed or reported.
+
+One pass at a time across replicas (storage.pass_lock); one ledger transaction per
+page of stale deltas; each anchor looked up once, under bounded concurrency, with a
+shared pause when PacSpace says slow down. A dry run does the same work inside a
+transaction that is rolled back, and asks nothing of PacSpace that changes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+import anyio.to_thread
+import structlog
+
+from reconciler.apply import apply_claim
+from reconciler.claims import ClaimedStatus, DeltaClaim, same_hash
+from reconciler.errors import PacSpaceError
+from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
+from storage.errors import StorageUnavailable
+from storage.models import AuditEntry, Discrepancy, LocalDelta, ReconciliationRun
+from storage.pass_lock import exclusive
+from storage.session import LedgerSession
+from storage.sql_ledger import SqlLedger
+from storage.vocabulary import UNSETTLED_STATUSES, DeltaStatus, DetectedBy, DiscrepancyKind, RunStatus, SubmissionStatus, VerifiedBy
+
+log = structlog.get_logger("pacrecon.reconcile")
+
+PAGE_SIZE = 200
+REQUEUE_ROUNDS = 6  # lookups PacSpace throttled are tried again this often within a pass
+THROTTLED = frozenset({429, 503})  # "slow down", as opposed to "not there" (network errors, timeouts)
+
+
+class PacSpaceUnreachable(Exception):
+    """Not one lookup of a page reached PacSpace: the pass stops instead of grinding on."""
+FAILED_DELIVERY_PAGES = 10
+ACTOR = "reconciler"
+Lookup = StatusAnswer | PacSpaceError
+
+
+@dataclass
+class PassSummary:
+    dry_run: bool
+    run_id: int | None = None
+    skipped: str | None = None  # why no pass ran
+    status: str = RunStatus.RUNNING.value
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    checked: int = 0  # stale deltas examined
+    looked_up: int = 0  # anchors asked about
+    fixed: int = 0
+    found: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+    redeliveries: int = 0
+    open_after: int | None = None
+    error_detail: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "dry_run": self.dry_run,
+            "skipped": self.skipped,
+            "status": self.status,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "checked": self.checked,
+            "looked_up": self.looked_up,
+            "fixed": self.fixed,
+            "found": dict(sorted(self.found.items())),
+            "errors": self.errors,
+            "redeliveries_requested": self.redeliveries,
+            "open_discrepancies": self.open_after,
+            "error_detail": self.error_detail,
+        }
+
+
+@dataclass
+class PageResult:
+    fixed: int = 0
+    found: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+
+class Throttle:
+    """One pause for every lookup once PacSpace says slow down (429, 503)."""
+
+    def __init__(self, clock: Callable[[], float], sleep: Callable[[float], Any]) -> None:
+        self._clock, self._sleep = clock, sleep
+        self._until = 0.0
+        self._strikes = 0
+
+    async def wait(self) -> None:
+        delay = self._until - self._clock()
+        if delay > 0:
+            await self._sleep(delay)
+
+    def slow_down(self, asked: float | None) -> None:
+        self._strikes += 1
+        pause = asked if asked is not None else min(30.0, 0.5 * 2 ** (self._strikes - 1))
+        self._until = max(self._until, self._clock() + min(pause, 60.0))
+
+    def fine(self) -> None:
+        self._strikes = 0
+
+
+class Reconciler:
+    def __init__(
+        self,
+        ledger: SqlLedger,
+        client: PacSpaceClient,
+        *,
+        stale_after_seconds: float,
+        stuck_after_seconds: float,
+        concurrency: int = 8,
+        page_size: int = PAGE_SIZE,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.ledger, self.client = ledger, client
+        self.stale_after = timedelta(seconds=stale_after_seconds)
+        self.stuck_after = timedelta(seconds=stuck_after_seconds)
+        self.concurrency, self.page_size = concurrency, page_size
+        self.clock, self.sleep = clock, sleep
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    async def run_pass(self, dry_run: bool = False) -> PassSummary:
+        summary = PassSummary(dry_run=dry_run, started_at=self._now())
+        with contextlib.ExitStack() as stack:
+            held = await anyio.to_thread.run_sync(stack.enter_context, exclusive(self.ledger.engine, "reconcile"))
+            try:
+                if not held:
+                    summary.skipped = "another reconciliation pass is running"
+                    summary.status = "skipped"
+                    return summary
+                await self._run(summary)
+            finally:
+                await anyio.to_thread.run_sync(stack.close)
+        return summary
+
+    async def _run(self, summary: PassSummary) -> None:
+        now = summary.started_at or self._now()
+        if not summary.dry_run:
+            summary.run_id = await self.ledger.transact(
+                lambda s: s.add_run(ReconciliationRun(status=RunStatus.RUNNING.value, started_at=now))
+            )
+        try:
+            await self._stale_deltas(summary, now)
+            await self._orphans(summary, now)
+            if not summary.dry_run:
+                await self._redeliver_failed(summary)
+            summary.status = RunStatus.COMPLETED.value
+        except (StorageUnavailable, PacSpaceUnreachable) as exc:
+            detail = f"PacSpace unreachable ({exc})" if isinstance(exc, PacSpaceUnreachable) else str(exc)
+            summary.status, summary.error_detail = RunStatus.FAILED.value, detail
+            summary.errors += 1
+            log.warning("reconcile_failed", error=detail)
+        finally:
+            summary.finished_at = self._now()
+            with contextlib.suppress(StorageUnavailable):
+                summary.open_after = await self.ledger.read(lambda s: s.count_open_discrepancies())
+                if summary.run_id is not None:
+                    await self.ledger.transact(partial(_finish_run, summary=summary))
+        log.info("reconcile_pass", **{k: v for k, v in summary.as_dict().items() if k not in ("started_at", "finished_at")})
+
+    # -- stale deltas -------------------------------------------------------------
+
+    async def _stale_deltas(self, summary: PassSummary, now: datetime) -> None:
+        cutoff, stuck_cutoff = now - self.stale_after, now - self.stuck_after
+        answers: dict[str, Lookup] = {}
+        throttle = Throttle(self.clock, self.sleep)
+        after: tuple[datetime, int] | None = None
+        while True:
+            page = await self.ledger.read(
+                lambda s: [(d.id, d.anchor_id, d.emitted_at) for d in s.unsettled_deltas(cutoff, after, self.page_size)]
+            )
+            if not page:
+                return
+            after = (page[-1][2], page[-1][0])
+            anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
+            looked_up = await self._look_up(anchors, throttle, summary)
+            if looked_up and all(isinstance(a, PacSpaceError) and a.status is None for a in looked_up.values()):
+                raise PacSpaceUnreachable(next(iter(looked_up.values())).code)  # type: ignore[union-attr]
+            answers.update(looked_up)
+            work = partial(
+                _apply_page,
+                delta_ids=[delta_id for delta_id, _, _ in page],
+                answers=answers,
+                now=now,
+                stuck_cutoff=stuck_cutoff,
+                run_id=summary.run_id,
+            )
+            result = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+            summary.checked += len(page)
+            summary.fixed += result.fixed
+            summary.found.update(result.found)
+            summary.errors += result.errors
+
+    async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
+        results: dict[str, Lookup] = {}
+        slots = asyncio.Semaphore(self.concurrency)
+        waiting = sorted(anchors)
+        for round_number in range(REQUEUE_ROUNDS):
+            throttled: list[str] = []
+
+            async def one(anchor: str) -> None:
+                async with slots:
+                    await throttle.wait()
+                    try:
+                        results[anchor] = await self.client.delta_status(anchor)
+                        throttle.fine()
+                    except PacSpaceError as error:
+                        results[anchor] = error
+                        if error.status in THROTTLED:
+                            throttle.slow_down(error.retry_after)
+                            throttled.append(anchor)
+
+            await asyncio.gather(*(one(anchor) for anchor in waiting))
+            summary.looked_up += len(waiting)
+            if not throttled:
+                break
+            log.info("reconcile_throttled", anchors=len(throttled), round=round_number + 1)
+            waiting = throttled
+        return results
+
+    # -- orphans and failed deliveries ----------------------------------------------------
+
+    async def _orphans(self, summary: PassSummary, now: datetime) -> None:
+        work = partial(_report_orphans, cutoff=now - self.stale_after, now=now, run_id=summary.run_id)
+        found = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+        if found:
+            summary.found[DiscrepancyKind.ORPHAN_WEBHOOK.value] += found
+
+    async def _redeliver_failed(self, summary: PassSummary) -> None:
+        """Ask PacSpace to deliver again every webhook it lists as failed."""
+        event_ids: list[str] = []
+        try:
+            for page in range(FAILED_DELIVERY_PAGES):
+                listing = await self.client.list_webhooks(status="failed", limit=100, offset=page * 100)
+                deliveries = [d for d in listing.get("deliveries", []) if isinstance(d, dict)]
+                event_ids += [str(d["eventId"]) for d in deliveries if d.get("eventId")]
+                if len(deliveries) < 100:
+                    break
+        except PacSpaceError as error:
+            summary.errors += 1
+            log.warning("failed_deliveries_not_listed", code=error.code)
+        for event_id in event_ids:
+            try:
+                await self.client.retry_webhook(event_id)
+                summary.redeliveries += 1
+            except PacSpaceError as error:
+                summary.errors += 1
+                log.warning("redelivery_not_requested", event_id=event_id, code=error.code)
+
+
+# -- the transactions -----------------------------------------------------------------
+
+
+def claim_from_status(data: dict[str, Any], delta: LocalDelta) -> DeltaClaim | None:
+    """PacSpace's status answer as a claim about `delta` (for a batch anchor, about the
+    entry of `deltas[]` with our item hash). None when the status word is unknown."""
+    status = status_from(data.get("status"))
+    entry: dict[str, Any] = data
+    entries = data.get("deltas")
+    if isinstance(entries, list):
+        entry = next((e for e in entries if isinstance(e, dict) and same_hash(e.get("itemHash"), delta.item_hash)), {})
+        status = status_from(entry.get("status")) or status
+    if status is None:
+        return None
+    hashes = data.get("itemHashes")
+    raw_amount = entry.get("delta")
+    amount = amount_from(raw_amount)
+    return DeltaClaim(
+        status=status,
+        anchor_id=_text(data.get("anchorId")),
+        customer_id=_text(entry.get("customerId")),
+        amount=amount,
+        amount_unreadable=str(raw_amount)[:64] if raw_amount is not None and amount is None else None,
+        receipt_id=_text(data.get("receiptId")),
+        items_root=_text(data.get("itemsRoot")),
+        item_hashes=tuple(h for h in hashes if isinstance(h, str)) if isinstance(hashes, list) else None,
+        content_hash=_text(entry.get("itemHash")),
+        sequence_number=_text(entry.get("sequenceNumber")),
+        tx_hash=_text(data.get("txHash")),
+        error=_text(entry.get("error")),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value[:128] if isinstance(value, str) and value else None
+
+
+def _state(delta: LocalDelta) -> dict[str, Any]:
+    return {"status": delta.status, "anchor_id": delta.anchor_id, "receipt_id": delta.receipt_id, "verified_by": delta.verified_by}
+
+
+def _apply_page(
+    session: LedgerSession,
+    *,
+    delta_ids: list[int],
+    answers: dict[str, Lookup],
+    now: datetime,
+    stuck_cutoff: datetime,
+    run_id: int | None,
+) -> PageResult:
+    result = PageResult()
+    for delta_id in delta_ids:
+        delta = session.get_delta(delta_id)
+        if delta is None or delta.status not in UNSETTLED_STATUSES:
+            continue  # a webhook settled it since the page was read
+        answer = answers.get(delta.anchor_id or "")
+        if answer is None:
+            continue
+        if isinstance(answer, PacSpaceError):
+            if answer.status == 404:
+                _not_found(session, delta, answer, now, run_id, result)
+            else:
+                result.errors += 1
+            continue
+        claim = claim_from_status(answer.raw, delta)
+        if claim is None:
+            _open(session, delta, DiscrepancyKind.UNVERIFIABLE, now, run_id, result,
+                  {"field": "status", "theirs": answer.status_word[:64], "detail": "PacSpace answered a status we do not know"})
+            continue
+        before = _state(delta)
+        findings = apply_claim(session, delta, claim, now, event_id=None, by=VerifiedBy.RECONCILER, run_id=run_id)
+        result.found.update({f.kind.value for f in findings})  # gaps, not findings: one per kind and delta
+        if delta.status == DeltaStatus.VERIFIED.value and before["status"] != DeltaStatus.VERIFIED.value:
+            fixed_id = session.record_fixed(
+                _finding(delta, DiscrepancyKind.MISSING_WEBHOOK, run_id, {"detail": "PacSpace verified it; we never got the webhook"}),
+                f"fixed by reconciliation run {run_id}: proofs checked, marked VERIFIED",
+                now,
+            )
+            _audit(session, "mark_verified", delta, before, run_id, now, fixed_id)
+            result.fixed += 1
+            result.found[DiscrepancyKind.MISSING_WEBHOOK.value] += 1
+        elif delta.status == DeltaStatus.FAILED.value and before["status"] != DeltaStatus.FAILED.value:
+            discrepancy_id = _open(session, delta, DiscrepancyKind.UPSTREAM_FAILED, now, run_id, result,
+                                   {"field": "status", "ours": before["status"], "theirs": "FAILED", "detail": claim.error or "PacSpace failed the delta"})
+            _audit(session, "mark_failed", delta, before, run_id, now, discrepancy_id)
+            result.fixed += 1
+        elif claim.status in (ClaimedStatus.QUEUED, ClaimedStatus.PROCESSING) and delta.emitted_at and delta.emitted_at < stuck_cutoff:
+            _open(session, delta, DiscrepancyKind.STUCK, now, run_id, result,
+                  {"field": "status", "ours": delta.status, "theirs": claim.status.value, "detail": f"still pending since {delta.emitted_at.isoformat()}"})
+    return result
+
+
+def _not_found(session: LedgerSession, delta: LocalDelta, error: PacSpaceError, now: datetime, run_id: int | None, result: PageResult) -> None:
+    discrepancy_id = _open(session, delta, DiscrepancyKind.NOT_FOUND_UPSTREAM, now, run_id, result,
+                           {"field": "anchorId", "ours": delta.anchor_id, "detail": f"PacSpace answers {error.status} {error.code} for it"})
+    submission = session.get_submission(delta.submission_id) if delta.submission_id else None
+    if submission is None:
+        return  # imported: we do not hold the body to send again
+    sightings = next((d.occurrences for d in session.open_discrepancies(f"delta:{delta.id}") if d.id == discrepancy_id), 1)
+    if sightings > 1:
+        return  # sent again once already; more resends could record it twice once PacSpace forgets the key
+    before = _state(delta)
+    if submission.status == SubmissionStatus.SENT.value:
+        # send the original bytes again under the original key; the outbox records the answer
+        submission.status, submission.next_attempt_at = SubmissionStatus.PENDING.value, now
+    for sibling in session.deltas_of_submission(submission.id or 0):
+        if sibling.status in UNSETTLED_STATUSES:
+            sibling.status, sibling.updated_at = DeltaStatus.PENDING.value, now
+    _audit(session, "resend", delta, before, run_id, now, discrepancy_id)
+    result.fixed += 1
+
+
+def _report_orphans(session: LedgerSession, *, cutoff: datetime, now: datetime, run_id: int | None) -> int:
+    events = session.orphans_received_before(cutoff, limit=1000)
+    for event in events:
+        session.open_discrepancy(
+            Discrepancy(
+                kind=DiscrepancyKind.ORPHAN_WEBHOOK.value,
+                subject=f"event:{event.event_id}",
+                anchor_id=event.anchor_id,
+                event_id=event.event_id,
+                run_id=run_id,
+                detected_by=DetectedBy.RECONCILER.value,
+                evidence={"field": "anchorId", "theirs": event.anchor_id, "detail": "a verified webhook for a delta we have no record of"},
+            ),
+            now,
+        )
+    return len(events)
+
+
+def _finding(delta: LocalDelta, kind: DiscrepancyKind, run_id: int | None, evidence: dict[str, Any]) -> Discrepancy:
+    return Discrepancy(
+        kind=kind.value,
+        subject=f"delta:{delta.id}",
+        delta_id=delta.id,
+        anchor_id=delta.anchor_id,
+        customer_id=delta.customer_id,
+        run_id=run_id,
+        detected_by=DetectedBy.RECONCILER.value,
+        evidence=evidence,
+    )
+
+
+def _open(session: LedgerSession, delta: LocalDelta, kind: DiscrepancyKind, now: datetime, run_id: int | None,
+          result: PageResult, evidence: dict[str, Any]) -> int:
+    result.found[kind.value] += 1
+    return session.open_discrepancy(_finding(delta, kind, run_id, evidence), now)
+
+
+def _audit(session: LedgerSession, action: str, delta: LocalDelta, before: dict[str, Any], run_id: int | None,
+           now: datetime, discrepancy_id: int | None) -> None:
+    session.add_audit(
+        AuditEntry(at=now, actor=ACTOR, action=action, run_id=run_id, delta_id=delta.id,
+                   discrepancy_id=discrepancy_id, before=before, after=_state(delta))
+    )
+
+
+def _finish_run(session: LedgerSession, *, summary: PassSummary) -> None:
+    run = session.get_run(summary.run_id or 0)
+    if run is None:
+        return
+    run.status, run.finished_at = summary.status, summary.finished_at
+    run.checked, run.fixed, run.errors = summary.checked, summary.fixed, summary.errors
+    run.found = dict(sorted(summary.found.items()))
+    run.error_detail = summary.error_detail

@@ -1,0 +1,73 @@
+"""At most one reconciliation pass at a time, across processes and replicas.
+
+PostgreSQL: a session-level advisory lock on a connection of its own, held for the
+pass. SQLite (one host): an exclusive OS file lock beside the database file. Both
+are released by the operating system or the server if the holder dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from storage.errors import StorageUnavailable
+
+
+def _key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"pacrecon:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def exclusive(engine: Engine, name: str) -> Iterator[bool]:
+    """Yield True while this process holds the lock `name`, False when another does."""
+    if engine.dialect.name == "postgresql":
+        with _advisory(engine, name) as held:
+            yield held
+    else:
+        with _file_lock(engine, name) as held:
+            yield held
+
+
+@contextlib.contextmanager
+def _advisory(engine: Engine, name: str) -> Iterator[bool]:
+    try:
+        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    except SQLAlchemyError as exc:
+        raise StorageUnavailable(f"cannot take the {name} lock: {exc.__class__.__name__}") from exc
+    try:
+        held = bool(connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _key(name)}).scalar())
+        try:
+            yield held
+        finally:
+            if held:
+                with contextlib.suppress(SQLAlchemyError):
+                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _key(name)})
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def _file_lock(engine: Engine, name: str) -> Iterator[bool]:
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield True  # a private in-memory database: no one else can see it
+        return
+    descriptor = os.open(f"{database}.{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
