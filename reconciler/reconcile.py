@@ -142,6 +142,7 @@ class Reconciler:
                 if not held:
                     summary.skipped = "another reconciliation pass is running"
                     summary.status = "skipped"
+                    log.info("reconcile_pass", status=summary.status, skipped=summary.skipped, dry_run=summary.dry_run)
                     return summary
                 await self._run(summary)
             finally:

@@ -272,3 +272,74 @@ def test_the_command_line_exit_codes(database_url: str, sandbox: SandboxProcess,
     assert found.returncode == 1 and json.loads(found.stdout)["open_discrepancies"] == 1
     no_key = subprocess.run([sys.executable, "-m", "pacrecon", "reconcile", "--once"], env={**env, "PACRECON_PACSPACE_API_KEY": ""}, cwd=tmp_path, capture_output=True, text=True)
     assert no_key.returncode == 2 and "PACRECON_PACSPACE_API_KEY" in no_key.stderr
+
+
+def _daemon_env(sandbox: SandboxProcess, **more: str) -> dict[str, str]:
+    return {
+        "PACRECON_API_TOKEN": "token_reconcile_tests",
+        "PACRECON_PACSPACE_BASE_URL": sandbox.url,
+        "PACRECON_PACSPACE_API_KEY": SANDBOX_KEY,
+        "PACRECON_STALE_AFTER_SECONDS": "1",
+        "PACRECON_RECONCILE_INTERVAL_SECONDS": "1",
+        **more,
+    }
+
+
+def test_the_daemon_reconciles_on_its_schedule(sandbox: SandboxProcess, upstream: httpx.Client, tmp_path: Path) -> None:
+    """No webhook ever arrives (the sandbox has nowhere to send it): the daemon's own
+    scheduled pass finds the verified delta and fixes it."""
+    from tests.conftest import migrated_sqlite_url
+    from tests.daemon import Daemon
+
+    url = migrated_sqlite_url(tmp_path / "scheduled.db")
+    daemon = Daemon(url, tmp_path, **_daemon_env(sandbox)).start()
+    try:
+        emitted = httpx.post(f"{daemon.url}/v1/deltas", json={"customerId": "cust_sched", "delta": 2, "reason": "r"},
+                             headers={"Authorization": "Bearer token_reconcile_tests"}, timeout=10)
+        assert emitted.status_code == 200
+        anchor = emitted.json()["anchorId"]
+        upstream.post("/_sandbox/flush").raise_for_status()
+        ledger = SqlLedger.from_url(url)
+        try:
+            deadline = time.monotonic() + 20
+            while ledger.read_sync(lambda s: s.deltas_by_anchor(anchor)[0].status) != "VERIFIED":
+                assert time.monotonic() < deadline, daemon.log_text()[-2000:]
+                time.sleep(0.2)
+            assert ledger.read_sync(lambda s: s.deltas_by_anchor(anchor)[0].verified_by) == "reconciler"
+        finally:
+            ledger.close()
+    finally:
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log_text()
+
+
+def test_two_daemons_on_one_database_never_overlap_their_passes(database_url: str, sandbox: SandboxProcess, upstream: httpx.Client, tmp_path: Path) -> None:
+    upstream.patch("/_sandbox/faults", json={"corrupt_status_receipt": 1}).raise_for_status()  # they stay unsettled
+    ledger = SqlLedger.from_url(database_url)
+    try:
+        imported(ledger, upstream, 3, "cust_two_daemons")
+    finally:
+        ledger.close()
+    upstream.post("/_sandbox/flush").raise_for_status()
+    upstream.patch("/_sandbox/faults", json={"slow": 1, "slow_seconds": 0.5}).raise_for_status()  # every pass takes ~1.5 s
+    from tests.daemon import Daemon
+
+    env = _daemon_env(sandbox, PACRECON_RECONCILE_CONCURRENCY="1", PACRECON_STUCK_AFTER_SECONDS="1")
+    daemons = [Daemon(database_url, tmp_path, **env).start() for _ in range(2)]
+    try:
+        time.sleep(6)
+    finally:
+        for daemon in daemons:
+            assert daemon.stop() == 0
+    ledger = SqlLedger.from_url(database_url)
+    try:
+        runs = ledger.read_sync(
+            lambda s: [(r.started_at, r.finished_at) for r in s._session.query(__import__("storage.models", fromlist=["ReconciliationRun"]).ReconciliationRun).order_by("started_at")]
+        )
+    finally:
+        ledger.close()
+    assert len(runs) >= 3, runs
+    for (_, first_end), (second_start, _) in zip(runs, runs[1:]):
+        assert first_end is not None and first_end <= second_start  # one pass at a time
+    passes = [e for d in daemons for e in d.log_events() if e.get("event") == "reconcile_pass"]
+    assert {e["status"] for e in passes} >= {"completed", "skipped"}  # both tried; the lock let one run
