@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 from pathlib import Path
 
 from pacrecon.settings import ConfigurationError, Settings, load_settings
@@ -197,32 +199,47 @@ def _emit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _emit_direct(settings: Settings, raw: bytes, idempotency_key: str | None) -> tuple[int, bytes]:
-    import anyio.to_thread
-
-    from pacrecon.app import open_ledger, open_pacspace
     from reconciler.outbox import InvalidRequest, Outbox, parse_request
     from storage import jsonio
-    from storage.errors import SchemaNotCurrent
 
-    http, pacspace = open_pacspace(settings)
-    if pacspace is None:
-        await http.aclose()
-        raise ConfigurationError("PACRECON_PACSPACE_API_KEY: needed to emit directly")
-    ledger = open_ledger(settings)
-    try:
-        try:
-            await anyio.to_thread.run_sync(ledger.check_schema)
-        except SchemaNotCurrent as exc:
-            raise Refusal(str(exc)) from None
+    async with _connected(settings, "to emit directly") as (ledger, pacspace):
         try:
             request = parse_request(raw, "single", idempotency_key)
         except InvalidRequest as exc:
             return 400, jsonio.dumps_bytes({"error": {"code": "validation_error", "message": str(exc)}})
         answer = await Outbox(ledger, pacspace, lease_seconds=settings.outbox_lease_seconds).submit(request)
         return answer.status, answer.body
+
+
+@contextlib.asynccontextmanager
+async def _connected(settings: Settings, purpose: str) -> AsyncIterator[tuple[Any, Any]]:
+    """The ledger (schema checked) and PacSpace, for a command that needs both; closed after."""
+    import anyio.to_thread
+
+    from pacrecon.app import open_ledger, open_pacspace
+
+    http, pacspace = open_pacspace(settings)
+    if pacspace is None:
+        await http.aclose()
+        raise ConfigurationError(f"PACRECON_PACSPACE_API_KEY: needed {purpose}")
+    ledger = open_ledger(settings)
+    try:
+        await anyio.to_thread.run_sync(_check_schema, ledger)
+        yield ledger, pacspace
     finally:
         await http.aclose()
         await anyio.to_thread.run_sync(ledger.close)
+
+
+def _check_schema(ledger: Any) -> None:
+    from storage.errors import SchemaNotCurrent, StorageUnavailable
+
+    try:
+        ledger.check_schema()
+    except SchemaNotCurrent as exc:
+        raise Refusal(str(exc)) from None
+    except StorageUnavailable as exc:
+        raise Refusal(f"the ledger is unreachable: {exc}") from None
 
 
 def _import(settings: Settings, args: argparse.Namespace) -> int:
@@ -231,7 +248,6 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
     from pacrecon.app import open_ledger
     from reconciler.imports import import_records
     from storage import jsonio
-    from storage.errors import SchemaNotCurrent
 
     try:
         lines = args.file.read_text(encoding="utf-8").splitlines()
@@ -248,10 +264,7 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
             unreadable.append({"line": number, "error": "not JSON"})
     ledger = open_ledger(settings)
     try:
-        try:
-            ledger.check_schema()
-        except SchemaNotCurrent as exc:
-            raise Refusal(str(exc)) from None
+        _check_schema(ledger)
         now = datetime.now(UTC)
         report = ledger.transact_sync(lambda session: import_records(session, records, now))
     finally:
@@ -282,28 +295,11 @@ def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _reconcile_once(settings: Settings, dry_run: bool) -> dict[str, object]:
-    import anyio.to_thread
+    from pacrecon.app import make_reconciler
 
-    from pacrecon.app import make_reconciler, open_ledger, open_pacspace
-    from storage.errors import SchemaNotCurrent, StorageUnavailable
-
-    http, pacspace = open_pacspace(settings)
-    if pacspace is None:
-        await http.aclose()
-        raise ConfigurationError("PACRECON_PACSPACE_API_KEY: needed to look deltas up at PacSpace")
-    ledger = open_ledger(settings)
-    try:
-        try:
-            await anyio.to_thread.run_sync(ledger.check_schema)
-        except SchemaNotCurrent as exc:
-            raise Refusal(str(exc)) from None
-        except StorageUnavailable as exc:
-            raise Refusal(f"the ledger is unreachable: {exc}") from None
+    async with _connected(settings, "to look deltas up at PacSpace") as (ledger, pacspace):
         summary = await make_reconciler(settings, ledger, pacspace).run_pass(dry_run=dry_run)
         return summary.as_dict()
-    finally:
-        await http.aclose()
-        await anyio.to_thread.run_sync(ledger.close)
 
 
 def _sandbox(args: argparse.Namespace) -> int:
