@@ -20,7 +20,7 @@ from receiver.health import health_routes
 from receiver.webhook import WebhookReceiver, webhook_routes
 from reconciler.errors import PacSpaceError
 from reconciler.outbox import Outbox
-from reconciler.pacspace import PacSpaceClient
+from reconciler.pacspace import PacSpaceClient, RetryPolicy
 from reconciler.reconcile import Reconciler
 from storage.errors import StorageUnavailable
 from storage.sql_ledger import SqlLedger
@@ -100,9 +100,10 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
 
 
 def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time) -> Reconciler:
+    # the pass waits out 429/503 itself, for all its lookups at once: one retry per call is enough
     return Reconciler(
         ledger,
-        pacspace,
+        pacspace.with_retry(RetryPolicy(attempts=2)),
         stale_after_seconds=settings.stale_after_seconds,
         stuck_after_seconds=settings.stuck_after_seconds,
         concurrency=settings.reconcile_concurrency,

@@ -85,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         "reconcile",
         help="run one reconciliation pass now and print its summary",
         description="Look up every stale delta at PacSpace, compare, fix or report (the daemon does this "
-        "every PACRECON_RECONCILE_INTERVAL_SECONDS). Exit 0 when no discrepancy is open afterwards, "
-        "1 when some are, 2 when the pass could not run.",
+        "every PACRECON_RECONCILE_INTERVAL_SECONDS). Exit 0 when no discrepancy is open afterwards (with "
+        "--dry-run: would be open), 1 when some are or some lookups failed, 2 when the pass could not run.",
     )
     reconcile.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
     reconcile.add_argument("--dry-run", action="store_true", help="change nothing: report what a pass would do")
@@ -290,8 +290,8 @@ def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
                 value = ", ".join(f"{kind} {count}" for kind, count in value.items()) or "nothing"
             print(f"{key.replace('_', ' '):<24} {'' if value is None else value}")
     if summary["status"] != "completed":
-        return EXIT_REFUSED
-    return EXIT_FAILED if summary["open_discrepancies"] else 0
+        return EXIT_REFUSED  # the pass could not run (or not to its end)
+    return EXIT_FAILED if summary["open_discrepancies"] or summary["errors"] else 0
 
 
 async def _reconcile_once(settings: Settings, dry_run: bool) -> dict[str, object]:

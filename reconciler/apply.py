@@ -18,6 +18,10 @@ from storage.session import LedgerSession
 from storage.vocabulary import DeltaStatus, DetectedBy, DiscrepancyKind, EventOutcome, VerifiedBy
 
 
+# gaps that exist only while a delta is unsettled
+CLEARED_BY_SETTLING = (DiscrepancyKind.STUCK, DiscrepancyKind.NOT_FOUND_UPSTREAM, DiscrepancyKind.UNVERIFIABLE)
+
+
 @dataclass(frozen=True)
 class Recorded:
     """What recording one event did."""
@@ -152,7 +156,11 @@ def apply_claim(
             now,
         )
     if not any(finding.other_delta_id is None for finding in findings):
+        settled_before = DeltaStatus(delta.status).is_terminal
         _follow(delta, claim, now, by)
+        if not settled_before and DeltaStatus(delta.status).is_terminal:
+            for kind in CLEARED_BY_SETTLING:  # the condition is gone: PacSpace has decided
+                session.resolve_open(kind.value, f"delta:{delta.id}", f"cleared: the delta is {delta.status}", now)
     return findings
 
 

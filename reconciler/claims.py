@@ -71,9 +71,10 @@ class Finding:
         return {"field": self.field, "ours": self.ours, "theirs": self.theirs, "detail": self.detail, **self.extra}
 
 
-def same_hash(a: str | None, b: str | None) -> bool:
-    """Hex hashes compare without regard to letter case or surrounding space."""
-    return a is not None and b is not None and a.strip().lower() == b.strip().lower()
+def same_hash(a: object, b: object) -> bool:
+    """Hex hashes compare without regard to letter case or surrounding space; anything
+    that is not a string matches nothing."""
+    return isinstance(a, str) and isinstance(b, str) and a.strip().lower() == b.strip().lower()
 
 
 def compare(delta: LocalDelta, claim: DeltaClaim, chain: ChainNeighbours = ChainNeighbours()) -> list[Finding]:

@@ -313,12 +313,16 @@ def _apply_batch_answer(deltas: list[LocalDelta], answer: BatchAnswer, now: date
 
 def _accept(delta: LocalDelta, anchor_id: str | None, item_hash: str | None, receipt_id: str | None,
             items_root: str | None, item_hashes: list[str], emitted_at: datetime, now: datetime) -> None:
+    if DeltaStatus(delta.status).is_terminal:
+        return  # settled already (a resend's answer must not move it back)
     delta.anchor_id, delta.item_hash = anchor_id, item_hash
     delta.receipt_id, delta.items_root, delta.item_hashes = receipt_id, items_root, item_hashes
     delta.status, delta.emitted_at, delta.updated_at = DeltaStatus.QUEUED.value, emitted_at, now
 
 
 def _reject(delta: LocalDelta, reason: str, now: datetime) -> None:
+    if DeltaStatus(delta.status).is_terminal:
+        return
     delta.status, delta.status_reason, delta.updated_at = DeltaStatus.REJECTED.value, reason[:2000], now
 
 

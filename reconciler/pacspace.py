@@ -143,6 +143,10 @@ class PacSpaceClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
 
+    def with_retry(self, retry: RetryPolicy) -> PacSpaceClient:
+        """The same client (same pool, same key) with another retry policy."""
+        return PacSpaceClient(self._client, self._base, self._headers["X-Api-Key"], retry, self._sleep, self._rng)
+
     # -- the endpoints ----------------------------------------------------------
 
     async def emit(self, body: bytes, *, idempotency_key: str, credit_pool_id: str | None = None) -> EmitAnswer:

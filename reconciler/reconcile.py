@@ -28,7 +28,7 @@ from reconciler.errors import PacSpaceError
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
 from storage.errors import StorageUnavailable
 from storage.models import AuditEntry, Discrepancy, LocalDelta, ReconciliationRun
-from storage.pass_lock import exclusive
+from storage.pass_lock import Held, exclusive
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
 from storage.vocabulary import UNSETTLED_STATUSES, DeltaStatus, DetectedBy, DiscrepancyKind, RunStatus, SubmissionStatus, VerifiedBy
@@ -36,12 +36,13 @@ from storage.vocabulary import UNSETTLED_STATUSES, DeltaStatus, DetectedBy, Disc
 log = structlog.get_logger("pacrecon.reconcile")
 
 PAGE_SIZE = 200
-REQUEUE_ROUNDS = 6  # lookups PacSpace throttled are tried again this often within a pass
+REQUEUE_ROUNDS = 4  # lookups PacSpace throttled are tried again this often within a pass
 THROTTLED = frozenset({429, 503})  # "slow down", as opposed to "not there" (network errors, timeouts)
+ORPHAN_PAGE = 1000
 
 
-class PacSpaceUnreachable(Exception):
-    """Not one lookup of a page reached PacSpace: the pass stops instead of grinding on."""
+class PassStopped(Exception):
+    """The pass cannot go on (PacSpace answers no lookup, or the pass lock was lost)."""
 FAILED_DELIVERY_PAGES = 10
 ACTOR = "reconciler"
 Lookup = StatusAnswer | PacSpaceError
@@ -88,6 +89,7 @@ class PageResult:
     fixed: int = 0
     found: Counter[str] = field(default_factory=Counter)
     errors: int = 0
+    opened: int = 0  # open discrepancies after the page minus before (what a dry run would leave open)
 
 
 class Throttle:
@@ -135,63 +137,83 @@ class Reconciler:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     async def run_pass(self, dry_run: bool = False) -> PassSummary:
+        """One pass; never raises for PacSpace's or the ledger's troubles: they are in the
+        summary (status `failed`, `error_detail`) and in the run row."""
         summary = PassSummary(dry_run=dry_run, started_at=self._now())
         with contextlib.ExitStack() as stack:
-            held = await anyio.to_thread.run_sync(stack.enter_context, exclusive(self.ledger.engine, "reconcile"))
+            try:
+                held = await anyio.to_thread.run_sync(stack.enter_context, exclusive(self.ledger.engine, "reconcile"))
+            except StorageUnavailable as exc:
+                summary.status, summary.error_detail = RunStatus.FAILED.value, str(exc)
+                log.warning("reconcile_failed", error=str(exc))
+                return summary
             try:
                 if not held:
                     summary.skipped = "another reconciliation pass is running"
                     summary.status = "skipped"
                     log.info("reconcile_pass", status=summary.status, skipped=summary.skipped, dry_run=summary.dry_run)
                     return summary
-                await self._run(summary)
+                await self._run(summary, held)
             finally:
                 await anyio.to_thread.run_sync(stack.close)
         return summary
 
-    async def _run(self, summary: PassSummary) -> None:
+    async def _run(self, summary: PassSummary, held: Held) -> None:
         now = summary.started_at or self._now()
-        if not summary.dry_run:
-            summary.run_id = await self.ledger.transact(
-                lambda s: s.add_run(ReconciliationRun(status=RunStatus.RUNNING.value, started_at=now))
-            )
         try:
-            await self._stale_deltas(summary, now)
-            await self._orphans(summary, now)
+            base_open = await self.ledger.read(lambda s: s.count_open_discrepancies())
+            if not summary.dry_run:
+                summary.run_id = await self.ledger.transact(
+                    lambda s: s.add_run(ReconciliationRun(status=RunStatus.RUNNING.value, started_at=now))
+                )
+            opened = await self._stale_deltas(summary, now, held)
+            opened += await self._orphans(summary, now)
             if not summary.dry_run:
                 await self._redeliver_failed(summary)
             summary.status = RunStatus.COMPLETED.value
-        except (StorageUnavailable, PacSpaceUnreachable) as exc:
-            detail = f"PacSpace unreachable ({exc})" if isinstance(exc, PacSpaceUnreachable) else str(exc)
-            summary.status, summary.error_detail = RunStatus.FAILED.value, detail
-            summary.errors += 1
-            log.warning("reconcile_failed", error=detail)
+            if summary.dry_run:
+                summary.open_after = base_open + opened  # what would be open, had it not been rolled back
+        except (StorageUnavailable, PassStopped) as exc:
+            summary.status, summary.error_detail = RunStatus.FAILED.value, str(exc)
+            log.warning("reconcile_failed", error=str(exc))
+        except Exception as exc:  # a bug or an answer we did not foresee: recorded, not a crash loop
+            summary.status, summary.error_detail = RunStatus.FAILED.value, f"internal error: {type(exc).__name__}: {exc}"[:2000]
+            log.error("reconcile_failed", error=summary.error_detail)
+        except BaseException:  # cancelled (shutdown): the run row must not stay "running"
+            summary.status, summary.error_detail = RunStatus.FAILED.value, "interrupted"
+            raise
         finally:
             summary.finished_at = self._now()
             with contextlib.suppress(StorageUnavailable):
-                summary.open_after = await self.ledger.read(lambda s: s.count_open_discrepancies())
+                if not summary.dry_run:
+                    summary.open_after = await self.ledger.read(lambda s: s.count_open_discrepancies())
                 if summary.run_id is not None:
                     await self.ledger.transact(partial(_finish_run, summary=summary))
-        log.info("reconcile_pass", **{k: v for k, v in summary.as_dict().items() if k not in ("started_at", "finished_at")})
+            log.info("reconcile_pass", **{k: v for k, v in summary.as_dict().items() if k not in ("started_at", "finished_at")})
 
     # -- stale deltas -------------------------------------------------------------
 
-    async def _stale_deltas(self, summary: PassSummary, now: datetime) -> None:
+    async def _stale_deltas(self, summary: PassSummary, now: datetime, held: Held) -> int:
         cutoff, stuck_cutoff = now - self.stale_after, now - self.stuck_after
         answers: dict[str, Lookup] = {}
         throttle = Throttle(self.clock, self.sleep)
         after: tuple[datetime, int] | None = None
+        opened = 0
         while True:
+            if not await anyio.to_thread.run_sync(held.still_held):
+                raise PassStopped("the pass lock was lost (its database connection broke)")
             page = await self.ledger.read(
                 lambda s: [(d.id, d.anchor_id, d.emitted_at) for d in s.unsettled_deltas(cutoff, after, self.page_size)]
             )
             if not page:
-                return
+                return opened
             after = (page[-1][2], page[-1][0])
             anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
             looked_up = await self._look_up(anchors, throttle, summary)
-            if looked_up and all(isinstance(a, PacSpaceError) and a.status is None for a in looked_up.values()):
-                raise PacSpaceUnreachable(next(iter(looked_up.values())).code)  # type: ignore[union-attr]
+            failures = [a for a in looked_up.values() if isinstance(a, PacSpaceError) and a.status != 404]
+            if looked_up and len(failures) == len(looked_up):
+                raise PassStopped(f"PacSpace answered no lookup: {failures[0].code} {failures[0].message}"[:500])
+            summary.errors += len(failures)  # one per anchor PacSpace did not tell us about
             answers.update(looked_up)
             work = partial(
                 _apply_page,
@@ -206,11 +228,13 @@ class Reconciler:
             summary.fixed += result.fixed
             summary.found.update(result.found)
             summary.errors += result.errors
+            opened += result.opened
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
         results: dict[str, Lookup] = {}
         slots = asyncio.Semaphore(self.concurrency)
         waiting = sorted(anchors)
+        summary.looked_up += len(waiting)
         for round_number in range(REQUEUE_ROUNDS):
             throttled: list[str] = []
 
@@ -227,7 +251,6 @@ class Reconciler:
                             throttled.append(anchor)
 
             await asyncio.gather(*(one(anchor) for anchor in waiting))
-            summary.looked_up += len(waiting)
             if not throttled:
                 break
             log.info("reconcile_throttled", anchors=len(throttled), round=round_number + 1)
@@ -236,11 +259,18 @@ class Reconciler:
 
     # -- orphans and failed deliveries ----------------------------------------------------
 
-    async def _orphans(self, summary: PassSummary, now: datetime) -> None:
+    async def _orphans(self, summary: PassSummary, now: datetime) -> int:
+        """Report every orphan old enough, once (a dry run sees only the first page)."""
         work = partial(_report_orphans, cutoff=now - self.stale_after, now=now, run_id=summary.run_id)
-        found = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
-        if found:
-            summary.found[DiscrepancyKind.ORPHAN_WEBHOOK.value] += found
+        reported = 0
+        while True:
+            found = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+            reported += found
+            if found < ORPHAN_PAGE or summary.dry_run:
+                break
+        if reported:
+            summary.found[DiscrepancyKind.ORPHAN_WEBHOOK.value] += reported
+        return reported
 
     async def _redeliver_failed(self, summary: PassSummary) -> None:
         """Ask PacSpace to deliver again every webhook it lists as failed."""
@@ -272,13 +302,18 @@ def claim_from_status(data: dict[str, Any], delta: LocalDelta) -> DeltaClaim | N
     entry of `deltas[]` with our item hash). None when the status word is unknown."""
     status = status_from(data.get("status"))
     entry: dict[str, Any] = data
+    hashes = data.get("itemHashes")
     entries = data.get("deltas")
     if isinstance(entries, list):
-        entry = next((e for e in entries if isinstance(e, dict) and same_hash(e.get("itemHash"), delta.item_hash)), {})
+        listed = [e for e in entries if isinstance(e, dict)]
+        entry = next((e for e in listed if same_hash(e.get("itemHash"), delta.item_hash)), None) or next(
+            (e for e in listed if delta.submission_index is not None and e.get("index") == delta.submission_index), {}
+        )
         status = status_from(entry.get("status")) or status
+        if not isinstance(hashes, list):  # the anchor's hashes, as its entries list them
+            hashes = [e.get("itemHash") for e in listed]
     if status is None:
         return None
-    hashes = data.get("itemHashes")
     raw_amount = entry.get("delta")
     amount = amount_from(raw_amount)
     return DeltaClaim(
@@ -315,45 +350,74 @@ def _apply_page(
     run_id: int | None,
 ) -> PageResult:
     result = PageResult()
+    open_before = session.count_open_discrepancies()
     for delta_id in delta_ids:
-        delta = session.get_delta(delta_id)
-        if delta is None or delta.status not in UNSETTLED_STATUSES:
-            continue  # a webhook settled it since the page was read
-        answer = answers.get(delta.anchor_id or "")
-        if answer is None:
-            continue
-        if isinstance(answer, PacSpaceError):
-            if answer.status == 404:
-                _not_found(session, delta, answer, now, run_id, result)
-            else:
-                result.errors += 1
-            continue
-        claim = claim_from_status(answer.raw, delta)
-        if claim is None:
-            _open(session, delta, DiscrepancyKind.UNVERIFIABLE, now, run_id, result,
-                  {"field": "status", "theirs": answer.status_word[:64], "detail": "PacSpace answered a status we do not know"})
-            continue
-        before = _state(delta)
-        findings = apply_claim(session, delta, claim, now, event_id=None, by=VerifiedBy.RECONCILER, run_id=run_id)
-        result.found.update({f.kind.value for f in findings})  # gaps, not findings: one per kind and delta
-        if delta.status == DeltaStatus.VERIFIED.value and before["status"] != DeltaStatus.VERIFIED.value:
-            fixed_id = session.record_fixed(
-                _finding(delta, DiscrepancyKind.MISSING_WEBHOOK, run_id, {"detail": "PacSpace verified it; we never got the webhook"}),
-                f"fixed by reconciliation run {run_id}: proofs checked, marked VERIFIED",
-                now,
-            )
-            _audit(session, "mark_verified", delta, before, run_id, now, fixed_id)
-            result.fixed += 1
-            result.found[DiscrepancyKind.MISSING_WEBHOOK.value] += 1
-        elif delta.status == DeltaStatus.FAILED.value and before["status"] != DeltaStatus.FAILED.value:
-            discrepancy_id = _open(session, delta, DiscrepancyKind.UPSTREAM_FAILED, now, run_id, result,
-                                   {"field": "status", "ours": before["status"], "theirs": "FAILED", "detail": claim.error or "PacSpace failed the delta"})
-            _audit(session, "mark_failed", delta, before, run_id, now, discrepancy_id)
-            result.fixed += 1
-        elif claim.status in (ClaimedStatus.QUEUED, ClaimedStatus.PROCESSING) and delta.emitted_at and delta.emitted_at < stuck_cutoff:
-            _open(session, delta, DiscrepancyKind.STUCK, now, run_id, result,
-                  {"field": "status", "ours": delta.status, "theirs": claim.status.value, "detail": f"still pending since {delta.emitted_at.isoformat()}"})
+        try:
+            with session.savepoint():
+                _reconcile_delta(session, delta_id, answers, now, stuck_cutoff, run_id, result)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:  # an answer we did not foresee: this delta is skipped, not the pass
+            result.errors += 1
+            log.error("reconcile_delta_failed", delta_id=delta_id, error=f"{type(exc).__name__}: {exc}"[:500])
+    result.opened = session.count_open_discrepancies() - open_before
     return result
+
+
+def _reconcile_delta(
+    session: LedgerSession,
+    delta_id: int,
+    answers: dict[str, Lookup],
+    now: datetime,
+    stuck_cutoff: datetime,
+    run_id: int | None,
+    result: PageResult,
+) -> None:
+    delta = session.get_delta(delta_id)
+    if delta is None or delta.status not in UNSETTLED_STATUSES:
+        return  # a webhook settled it since the page was read
+    answer = answers.get(delta.anchor_id or "")
+    if answer is None:
+        return
+    if isinstance(answer, PacSpaceError):
+        if answer.status == 404:
+            _not_found(session, delta, answer, now, run_id, result)
+        return  # other lookup errors are counted once per anchor by the pass
+    claim = claim_from_status(answer.raw, delta)
+    if claim is None:
+        _open(session, delta, DiscrepancyKind.UNVERIFIABLE, now, run_id, result,
+              {"field": "status", "theirs": answer.status_word[:64], "detail": "PacSpace answered a status we do not know"})
+        return
+    if claim.status is ClaimedStatus.VERIFIED and not _proves_our_item(delta, claim):
+        _open(session, delta, DiscrepancyKind.UNVERIFIABLE, now, run_id, result,
+              {"field": "itemHashes", "ours": delta.item_hash, "detail": "PacSpace says verified but names no item hash to check ours against"})
+        return
+    before = _state(delta)
+    findings = apply_claim(session, delta, claim, now, event_id=None, by=VerifiedBy.RECONCILER, run_id=run_id)
+    result.found.update({f.kind.value for f in findings})  # gaps, not findings: one per kind and delta
+    if delta.status == DeltaStatus.VERIFIED.value and before["status"] != DeltaStatus.VERIFIED.value:
+        fixed_id = session.record_fixed(
+            _finding(delta, DiscrepancyKind.MISSING_WEBHOOK, run_id, {"detail": "PacSpace verified it; we never got the webhook"}),
+            f"fixed by reconciliation run {run_id}: proofs checked, marked VERIFIED",
+            now,
+        )
+        _audit(session, "mark_verified", delta, before, run_id, now, fixed_id)
+        result.fixed += 1
+        result.found[DiscrepancyKind.MISSING_WEBHOOK.value] += 1
+    elif delta.status == DeltaStatus.FAILED.value and before["status"] != DeltaStatus.FAILED.value:
+        discrepancy_id = _open(session, delta, DiscrepancyKind.UPSTREAM_FAILED, now, run_id, result,
+                               {"field": "status", "ours": before["status"], "theirs": "FAILED", "detail": claim.error or "PacSpace failed the delta"})
+        _audit(session, "mark_failed", delta, before, run_id, now, discrepancy_id)
+        result.fixed += 1
+    elif claim.status in (ClaimedStatus.QUEUED, ClaimedStatus.PROCESSING) and delta.emitted_at and delta.emitted_at < stuck_cutoff:
+        _open(session, delta, DiscrepancyKind.STUCK, now, run_id, result,
+              {"field": "status", "ours": delta.status, "theirs": claim.status.value, "detail": f"still pending since {delta.emitted_at.isoformat()}"})
+
+
+def _proves_our_item(delta: LocalDelta, claim: DeltaClaim) -> bool:
+    """A verification is only taken from PacSpace when it names item hashes ours can be
+    checked against (compare() then checks that ours is among them)."""
+    return delta.item_hash is not None and bool(claim.content_hash or claim.item_hashes)
 
 
 def _not_found(session: LedgerSession, delta: LocalDelta, error: PacSpaceError, now: datetime, run_id: int | None, result: PageResult) -> None:
@@ -365,11 +429,14 @@ def _not_found(session: LedgerSession, delta: LocalDelta, error: PacSpaceError, 
     sightings = next((d.occurrences for d in session.open_discrepancies(f"delta:{delta.id}") if d.id == discrepancy_id), 1)
     if sightings > 1:
         return  # sent again once already; more resends could record it twice once PacSpace forgets the key
+    siblings = session.deltas_of_submission(submission.id or 0)
+    if any(DeltaStatus(s.status).is_terminal for s in siblings):
+        return  # part of the submission is settled: sending all of it again is a person's call
     before = _state(delta)
     if submission.status == SubmissionStatus.SENT.value:
         # send the original bytes again under the original key; the outbox records the answer
         submission.status, submission.next_attempt_at = SubmissionStatus.PENDING.value, now
-    for sibling in session.deltas_of_submission(submission.id or 0):
+    for sibling in siblings:
         if sibling.status in UNSETTLED_STATUSES:
             sibling.status, sibling.updated_at = DeltaStatus.PENDING.value, now
     _audit(session, "resend", delta, before, run_id, now, discrepancy_id)
@@ -377,7 +444,7 @@ def _not_found(session: LedgerSession, delta: LocalDelta, error: PacSpaceError, 
 
 
 def _report_orphans(session: LedgerSession, *, cutoff: datetime, now: datetime, run_id: int | None) -> int:
-    events = session.orphans_received_before(cutoff, limit=1000)
+    events = session.unreported_orphans(cutoff, limit=ORPHAN_PAGE)
     for event in events:
         session.open_discrepancy(
             Discrepancy(

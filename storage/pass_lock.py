@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,31 +23,54 @@ def _key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"pacrecon:{name}".encode()).digest()[:8], "big", signed=True)
 
 
+class Held:
+    """Whether the lock is ours; `still_held()` checks it has not been lost since."""
+
+    def __init__(self, held: bool, check: Callable[[], bool] = lambda: True) -> None:
+        self._held, self._check = held, check
+
+    def __bool__(self) -> bool:
+        return self._held
+
+    def still_held(self) -> bool:
+        return self._held and self._check()
+
+
 @contextlib.contextmanager
-def exclusive(engine: Engine, name: str) -> Iterator[bool]:
-    """Yield True while this process holds the lock `name`, False when another does."""
+def exclusive(engine: Engine, name: str) -> Iterator[Held]:
+    """Hold the lock `name` for the block when no one else does (a false `Held` otherwise)."""
     if engine.dialect.name == "postgresql":
         with _advisory(engine, name) as held:
             yield held
     else:
         with _file_lock(engine, name) as held:
-            yield held
+            yield Held(held)
 
 
 @contextlib.contextmanager
-def _advisory(engine: Engine, name: str) -> Iterator[bool]:
+def _advisory(engine: Engine, name: str) -> Iterator[Held]:
     try:
         connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     except SQLAlchemyError as exc:
         raise StorageUnavailable(f"cannot take the {name} lock: {exc.__class__.__name__}") from exc
+
+    def alive() -> bool:  # the lock lives as long as this connection's session
+        try:
+            connection.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
+
     try:
         held = bool(connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _key(name)}).scalar())
         try:
-            yield held
+            yield Held(held, alive)
         finally:
             if held:
-                with contextlib.suppress(SQLAlchemyError):
+                try:
                     connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _key(name)})
+                except SQLAlchemyError:
+                    connection.invalidate()  # never pool a session that may still hold the lock
     finally:
         connection.close()
 

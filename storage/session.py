@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, func, select, text, update
+from sqlalchemy import Integer, bindparam, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -79,6 +81,12 @@ class LedgerSession:
         return [found[key] for key in sorted(found)]
 
     # -- local deltas ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Undo only what the block wrote if it raises; the transaction goes on."""
+        with self._session.begin_nested():
+            yield
 
     def flush(self) -> None:
         """Write pending changes inside the transaction, so queries see them."""
@@ -269,8 +277,18 @@ class LedgerSession:
             statement = statement.where(AuditEntry.delta_id == delta_id)
         return list(self._session.scalars(statement.order_by(AuditEntry.id)))
 
-    def orphans_received_before(self, cutoff: datetime, limit: int) -> list[WebhookEvent]:
-        statement = select(WebhookEvent).where(ORPHAN_PREDICATE, WebhookEvent.received_at < cutoff)  # type: ignore[operator]
+    def unreported_orphans(self, cutoff: datetime, limit: int) -> list[WebhookEvent]:
+        """Orphan events received before `cutoff` with no open `orphan_webhook` discrepancy yet."""
+        reported = (
+            select(Discrepancy.id)
+            .where(
+                Discrepancy.kind == "orphan_webhook",
+                Discrepancy.status == DiscrepancyStatus.OPEN.value,
+                Discrepancy.subject == literal("event:") + WebhookEvent.event_id,
+            )
+            .exists()
+        )
+        statement = select(WebhookEvent).where(ORPHAN_PREDICATE, WebhookEvent.received_at < cutoff, ~reported)  # type: ignore[operator]
         return list(self._session.scalars(statement.order_by(WebhookEvent.received_at).limit(limit)))  # type: ignore[arg-type]
 
     # -- events, counted -------------------------------------------------------

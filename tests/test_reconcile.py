@@ -16,6 +16,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from storage.engine import make_engine
+
 from reconciler.imports import import_records
 from reconciler.outbox import Outbox, parse_request
 from reconciler.pacspace import PacSpaceClient, RetryPolicy
@@ -170,14 +172,19 @@ def test_an_old_orphan_webhook_is_reported(ledger: SqlLedger, sandbox: SandboxPr
 
 
 def test_a_429_burst_slows_the_pass_and_does_not_fail_it(ledger: SqlLedger, sandbox: SandboxProcess, upstream: httpx.Client) -> None:
+    import threading
+
     ids = imported(ledger, upstream, 12, "cust_burst")
     upstream.post("/_sandbox/flush").raise_for_status()
-    upstream.patch("/_sandbox/faults", json={"rate_limit": 0.6, "retry_after": 0.2}).raise_for_status()
+    upstream.patch("/_sandbox/faults", json={"rate_limit": 1, "retry_after": 0.2}).raise_for_status()
+    lift = threading.Timer(0.5, lambda: upstream.patch("/_sandbox/faults", json={"rate_limit": 0}))  # the burst ends
     started = time.monotonic()
+    lift.start()
     summary = run_pass(ledger, sandbox)
-    assert summary.status == "completed" and summary.looked_up > 12  # some lookups were asked again
+    lift.join()
+    assert summary.status == "completed" and summary.errors == 0 and summary.looked_up == 12
     assert statuses(ledger, ids) == ["VERIFIED"] * 12 and summary.fixed == 12
-    assert time.monotonic() - started >= 0.2
+    assert time.monotonic() - started >= 0.5  # it waited the burst out
 
 
 def test_a_dry_run_changes_nothing(ledger: SqlLedger, sandbox: SandboxProcess, upstream: httpx.Client) -> None:
@@ -216,7 +223,7 @@ def test_a_pass_while_pacspace_is_down_stops_and_changes_nothing(ledger: SqlLedg
     gone = SandboxProcess(tmp_path)  # never started: nothing listens on its port
     started = time.monotonic()
     summary = run_pass(ledger, gone)
-    assert summary.status == "failed" and "unreachable" in (summary.error_detail or "")
+    assert summary.status == "failed" and "answered no lookup" in (summary.error_detail or "")
     assert statuses(ledger, ids) == ["QUEUED"] * 2 and open_kinds(ledger) == {}
     assert time.monotonic() - started < 10
     run = ledger.read_sync(lambda s: s.get_run(summary.run_id or 0))
@@ -267,7 +274,12 @@ def test_the_command_line_exit_codes(database_url: str, sandbox: SandboxProcess,
     upstream.post("/_sandbox/flush").raise_for_status()
     time.sleep(1.1)
     dry = subprocess.run([sys.executable, "-m", "pacrecon", "reconcile", "--once", "--dry-run", "--json"], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert dry.returncode == 0 and json.loads(dry.stdout)["found"] == {"receipt_mismatch": 1}  # nothing opened by a dry run
+    assert dry.returncode == 1 and json.loads(dry.stdout)["found"] == {"receipt_mismatch": 1}  # it would be open
+    assert json.loads(dry.stdout)["open_discrepancies"] == 1
+    engine = make_engine(database_url)
+    with engine.connect() as connection:  # the dry run opened nothing
+        assert connection.execute(text("SELECT count(*) FROM discrepancy")).scalar_one() == 0
+    engine.dispose()
     found = subprocess.run([sys.executable, "-m", "pacrecon", "reconcile", "--once", "--json"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert found.returncode == 1 and json.loads(found.stdout)["open_discrepancies"] == 1
     no_key = subprocess.run([sys.executable, "-m", "pacrecon", "reconcile", "--once"], env={**env, "PACRECON_PACSPACE_API_KEY": ""}, cwd=tmp_path, capture_output=True, text=True)

@@ -1,0 +1,190 @@
+"""The pass against answers the sandbox never gives (from an httpx.MockTransport), on a real ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from reconciler.apply import record_event
+from reconciler.events import parse_event
+from reconciler.outbox import Outbox, parse_request
+from reconciler.pacspace import PacSpaceClient, RetryPolicy
+from reconciler.proofs import keccak256, merkle_root
+from reconciler.reconcile import PassSummary, Reconciler
+from storage.models import LocalDelta, WebhookEvent
+from storage.sql_ledger import SqlLedger
+
+NOW = datetime.now(UTC)
+
+
+def H(label: str) -> str:
+    return "0x" + keccak256(label.encode()).hex()
+
+
+def run(ledger: SqlLedger, answer: Callable[[httpx.Request], httpx.Response], **options: Any) -> PassSummary:
+    async def go() -> PassSummary:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            client = PacSpaceClient(http, "http://pacspace.test", "k", RetryPolicy(attempts=1), sleep=lambda _: asyncio.sleep(0))
+            reconciler = Reconciler(ledger, client, stale_after_seconds=0, stuck_after_seconds=options.pop("stuck", 3600), **options)
+            return await reconciler.run_pass()
+
+    return asyncio.run(go())
+
+
+def delta(n: int, anchor: str, **fields: Any) -> LocalDelta:
+    values: dict[str, Any] = dict(
+        anchor_id=anchor, item_hash=H(f"item{n}"), customer_id="cust", amount=__import__("decimal").Decimal(n), reason="r",
+        idempotency_key=f"k{n}", source="import", status="QUEUED", receipt_id=H(f"item{n}"), items_root=H(f"item{n}"),
+        item_hashes=[H(f"item{n}")], created_at=NOW, updated_at=NOW, emitted_at=NOW - timedelta(seconds=5),
+    )
+    values.update(fields)
+    return LocalDelta(**values)
+
+
+def add(ledger: SqlLedger, *rows: LocalDelta) -> list[int]:
+    return ledger.transact_sync(lambda s: [s.add_delta(r).id for r in rows])
+
+
+def ok(data: dict[str, Any]) -> httpx.Response:
+    return httpx.Response(200, json={"success": True, "data": data})
+
+
+def state(ledger: SqlLedger, ids: list[int]) -> list[str]:
+    return ledger.read_sync(lambda s: [s.get_delta(i).status for i in ids])  # type: ignore[union-attr]
+
+
+def kinds(ledger: SqlLedger) -> list[str]:
+    return sorted(d.kind for d in ledger.read_sync(lambda s: s.open_discrepancies()))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"status": "ANCHORED"},  # no hashes at all
+        {"status": "ANCHORED", "deltaCount": 1, "deltas": [{"customerId": "someone", "delta": 9, "itemHash": H("other"), "status": "ANCHORED"}]},
+    ],
+)
+def test_a_verification_that_does_not_name_our_item_is_never_taken(ledger: SqlLedger, data: dict[str, Any]) -> None:
+    ids = add(ledger, delta(1, "a_1"))
+    summary = run(ledger, lambda _: ok({"anchorId": "a_1", **data}))
+    assert state(ledger, ids) == ["QUEUED"] and summary.fixed == 0
+    assert kinds(ledger) in (["unverifiable"], ["item_hash_mismatch"])
+
+
+def test_a_batch_entry_found_by_index_speaks_for_our_item(ledger: SqlLedger) -> None:
+    ids = add(ledger, delta(1, "a_b", submission_index=0), delta(2, "a_b", submission_index=1, idempotency_key="k2b"))
+    root = merkle_root([H("item1"), H("item2")])
+    data = {"anchorId": "a_b", "status": "ANCHORED", "receiptId": root, "deltas": [
+        {"index": 0, "status": "ANCHORED", "itemHash": H("item1"), "customerId": "cust", "delta": 1},
+        {"index": 1, "status": "FAILED", "itemHash": H("item2"), "customerId": "cust", "delta": 2, "error": "no"},
+    ]}
+    ledger.transact_sync(lambda s: [setattr(s.get_delta(i), "receipt_id", root) for i in ids])
+    run(ledger, lambda _: ok(data))
+    assert state(ledger, ids) == ["VERIFIED", "FAILED"]
+
+
+def test_one_malformed_answer_skips_that_delta_not_the_pass(ledger: SqlLedger) -> None:
+    ids = add(ledger, delta(1, "a_bad"), delta(2, "a_good", idempotency_key="k2g"))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("a_bad"):
+            return ok({"anchorId": "a_bad", "status": "ANCHORED", "deltas": [{"itemHash": 12345, "status": "ANCHORED"}]})
+        return ok({"anchorId": "a_good", "status": "ANCHORED", "receiptId": H("item2"), "itemHashes": [H("item2")], "customerId": "cust", "delta": 2})
+
+    summary = run(ledger, answer)
+    assert summary.status == "completed" and state(ledger, ids)[1] == "VERIFIED"
+    run_row = ledger.read_sync(lambda s: s.get_run(summary.run_id or 0))
+    assert run_row is not None and run_row.status == "completed"
+
+
+def test_a_cancelled_pass_does_not_leave_its_run_running(ledger: SqlLedger) -> None:
+    add(ledger, delta(1, "a_slow"))
+
+    async def go() -> int | None:
+        async def slow(_: httpx.Request) -> httpx.Response:
+            await asyncio.sleep(30)
+            return ok({})
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as http:
+            client = PacSpaceClient(http, "http://pacspace.test", "k", RetryPolicy(attempts=1))
+            reconciler = Reconciler(ledger, client, stale_after_seconds=0, stuck_after_seconds=3600)
+            task = asyncio.create_task(reconciler.run_pass())
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return None
+
+    asyncio.run(go())
+    runs = ledger.read_sync(lambda s: [(r.status, r.error_detail) for r in s._session.query(__import__("storage.models", fromlist=["x"]).ReconciliationRun)])
+    assert runs == [("failed", "interrupted")]
+
+
+def test_resending_a_forgotten_anchor_never_moves_a_settled_sibling(ledger: SqlLedger) -> None:
+    calls = {"n": 0}
+
+    def emit_answer(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        return ok({"totalQueued": 2, "results": [
+            {"index": 0, "anchorId": "a_A", "itemHash": H("item1"), "receiptId": H("item1"), "status": "QUEUED", "customerId": "cust", "delta": 1},
+            {"index": 1, "anchorId": "a_B", "itemHash": H("item2"), "receiptId": H("item2"), "status": "QUEUED", "customerId": "cust", "delta": 2},
+        ]})
+
+    async def emit() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(emit_answer)) as http:
+            client = PacSpaceClient(http, "http://pacspace.test", "k", RetryPolicy(attempts=1))
+            body = json.dumps({"deltas": [{"customerId": "cust", "delta": 1, "reason": "r"}, {"customerId": "cust", "delta": 2, "reason": "r"}]})
+            await Outbox(ledger, client).submit(parse_request(body.encode(), "batch"))
+
+    asyncio.run(emit())
+    ids = ledger.read_sync(lambda s: [d.id for d in s.list_deltas(customer_id="cust", status=None, after_id=None, limit=10)])
+
+    def lookups(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("a_A"):
+            return ok({"anchorId": "a_A", "status": "ANCHORED", "receiptId": H("item1"), "itemHashes": [H("item1")], "customerId": "cust", "delta": 1})
+        return httpx.Response(404, json={"success": False, "error": {"code": "NOT_FOUND", "message": "gone"}})
+
+    run(ledger, lookups)
+    assert state(ledger, ids) == ["VERIFIED", "QUEUED"]  # not sent again: half of it is settled
+    assert kinds(ledger) == ["not_found_upstream"]
+    submission = ledger.read_sync(lambda s: s.get_submission(s.get_delta(ids[0]).submission_id).status)  # type: ignore[union-attr]
+    assert submission == "SENT"
+
+
+def test_every_old_orphan_is_reported_once(ledger: SqlLedger) -> None:
+    rows = [dict(event_id=f"evt_{n:05d}", event_type="delta.verified", raw_body=b"{}", signature_timestamp=0,
+                 received_at=NOW - timedelta(hours=1), outcome="orphan", anchor_id=f"a_x{n}") for n in range(1005)]
+    ledger.transact_sync(lambda s: s._session.execute(WebhookEvent.__table__.insert(), rows))
+    first = run(ledger, lambda _: ok({}))
+    second = run(ledger, lambda _: ok({}))
+    assert first.found == {"orphan_webhook": 1005} and second.found == {}
+    assert len(kinds(ledger)) == 1005
+
+
+def test_a_matched_orphan_and_a_settled_stuck_delta_clear_their_discrepancies(ledger: SqlLedger) -> None:
+    ids = add(ledger, delta(1, "a_s"))
+    run(ledger, lambda _: ok({"anchorId": "a_s", "status": "QUEUED"}), stuck=0)
+    assert kinds(ledger) == ["stuck"]
+    verified = {"anchorId": "a_s", "status": "ANCHORED", "receiptId": H("item1"), "itemHashes": [H("item1")], "customerId": "cust", "delta": 1}
+    run(ledger, lambda _: ok(verified))
+    assert state(ledger, ids) == ["VERIFIED"] and kinds(ledger) == []
+    raw = json.dumps({"id": "evt_early", "event": "delta.verified", "data": {"recordId": "a_later"}}).encode()
+    ledger.transact_sync(lambda s: record_event(s, parse_event(raw), raw_body=raw, signature_timestamp=0, now=NOW - timedelta(hours=1)))
+    run(ledger, lambda _: ok({}))
+    assert kinds(ledger) == ["orphan_webhook"]
+    from reconciler.apply import register_deltas
+
+    ledger.transact_sync(lambda s: register_deltas(s, [delta(9, "a_later", idempotency_key="k9")], NOW))
+    assert kinds(ledger) == []
+
+
+def test_lookups_that_all_fail_stop_the_pass(ledger: SqlLedger) -> None:
+    add(ledger, delta(1, "a_k"))
+    summary = run(ledger, lambda _: httpx.Response(401, json={"success": False, "error": {"code": "INVALID_API_KEY", "message": "no"}}))
+    assert summary.status == "failed" and "INVALID_API_KEY" in (summary.error_detail or "")
