@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -13,20 +16,25 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
 
+from pacrecon.metrics import Metrics, MetricsEndpoint
 from pacrecon.settings import Settings
+from receiver.admin import AdminApi
 from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.health import health_routes
+from receiver.openapi import openapi_routes
 from receiver.webhook import WebhookReceiver, webhook_routes
+from receiver.webhook_tally import WebhookTally
 from reconciler.errors import PacSpaceError
 from reconciler.outbox import Outbox
 from reconciler.pacspace import PacSpaceClient, RetryPolicy
-from reconciler.reconcile import Reconciler
+from reconciler.reconcile import PassSummary, Reconciler
 from storage.errors import StorageUnavailable
 from storage.sql_ledger import SqlLedger
 
 
 log = structlog.get_logger("pacrecon.app")
+TALLY_FLUSH_SECONDS = 10
 
 
 def open_ledger(settings: Settings) -> SqlLedger:
@@ -37,7 +45,9 @@ def open_ledger(settings: Settings) -> SqlLedger:
     )
 
 
-def open_pacspace(settings: Settings) -> tuple[httpx.AsyncClient, PacSpaceClient | None]:
+def open_pacspace(
+    settings: Settings, observe: Callable[[str, str], None] | None = None
+) -> tuple[httpx.AsyncClient, PacSpaceClient | None]:
     """The one pooled HTTP client, and PacSpace over it (None without an API key)."""
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.pacspace_timeout_seconds, connect=min(5.0, settings.pacspace_timeout_seconds)),
@@ -45,20 +55,27 @@ def open_pacspace(settings: Settings) -> tuple[httpx.AsyncClient, PacSpaceClient
     )
     if settings.pacspace_api_key is None:
         return http, None
-    return http, PacSpaceClient(http, settings.pacspace_base_url, settings.pacspace_api_key.get_secret_value())
+    return http, PacSpaceClient(http, settings.pacspace_base_url, settings.pacspace_api_key.get_secret_value(), observe=observe)
 
 
 def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float] = time.time) -> Starlette:
     """The daemon's ASGI app. It owns `ledger` from here on; its lifespan owns the HTTP
     client and the scheduler, and closes all three at shutdown."""
+    metrics, tally = Metrics(), WebhookTally()
+
+    def observe_webhook(outcome: str, reason: str, seconds: float) -> None:
+        metrics.webhook(outcome, reason, seconds)
+        tally.count(outcome, reason, datetime.fromtimestamp(clock(), UTC))
+
     receiver = WebhookReceiver(
         ledger=ledger,
         secrets=tuple(s.get_secret_value() for s in settings.webhook_secrets),
         tolerance_seconds=settings.webhook_tolerance_seconds,
         max_body_bytes=settings.max_body_bytes,
         clock=clock,
+        observe=observe_webhook,
     )
-    http, pacspace = open_pacspace(settings)
+    http, pacspace = open_pacspace(settings, metrics.upstream_request)
     outbox = (
         Outbox(
             ledger,
@@ -72,14 +89,24 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
     )
     deltas = DeltasApi(ledger=ledger, outbox=outbox, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
     scheduler = AsyncIOScheduler(timezone="UTC")
+    jobs: list[tuple[str, Callable[[], Awaitable[Any]], float]] = [("webhook_tally", partial(tally.flush, ledger), TALLY_FLUSH_SECONDS)]
+    run_pass: Callable[[Callable[[int], None] | None], Awaitable[PassSummary]] | None = None
     if outbox is not None and pacspace is not None:
         reconciler = make_reconciler(settings, ledger, pacspace, clock)
-        for name, job, seconds in (
+
+        async def run_pass(on_started: Callable[[int], None] | None = None) -> PassSummary:
+            summary = await reconciler.run_pass(on_started=on_started)
+            duration = (summary.finished_at - summary.started_at).total_seconds() if summary.finished_at and summary.started_at else None
+            metrics.run(summary.status, duration)
+            return summary
+
+        jobs += [
             ("outbox_resend", outbox.resend_due, settings.outbox_retry_interval_seconds),
-            ("reconcile", reconciler.run_pass, settings.reconcile_interval_seconds),
-        ):
-            # max_instances=1 and coalescing: never two runs of a job at once, no backlog
-            scheduler.add_job(_logged(job, name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
+            ("reconcile", run_pass, settings.reconcile_interval_seconds),
+        ]
+    for name, job, seconds in jobs:
+        # max_instances=1 and coalescing: never two runs of a job at once, no backlog
+        scheduler.add_job(_logged(job, name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -88,12 +115,22 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
             yield
         finally:
             scheduler.shutdown(wait=False)
+            with contextlib.suppress(StorageUnavailable):
+                await tally.flush(ledger)
             await http.aclose()
             # in-flight requests have finished: commit what they submitted, then let go
             await anyio.to_thread.run_sync(ledger.close)
 
+    admin = AdminApi(ledger=ledger, token=settings.admin_token, start_pass=run_pass, clock=clock)
+    routes = [
+        *health_routes(ledger),
+        *webhook_routes(receiver),
+        *deltas.routes(),
+        *admin.routes(),
+        *MetricsEndpoint(metrics, ledger).routes(),
+    ]
     return Starlette(
-        routes=[*health_routes(ledger), *webhook_routes(receiver), *deltas.routes()],
+        routes=[*routes, *openapi_routes(routes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -93,6 +93,19 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
     reconcile.set_defaults(run=_reconcile, needs_settings=True)
 
+    report = commands.add_parser(
+        "report",
+        help="print the reconciliation report from the ledger",
+        description="The same report as GET /admin/reconciliation/report, read from the ledger at "
+        "PACRECON_DATABASE_URL: a readable table (default), JSON, or the open discrepancy rows as CSV.",
+    )
+    report.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    report.add_argument("--customer-id", help="one customer only")
+    report.add_argument("--since", help="from this date or time (ISO 8601; UTC unless an offset is given)")
+    report.add_argument("--until", help="before this date or time")
+    report.add_argument("--limit", type=int, default=100, help="open discrepancy rows and customers shown (default 100)")
+    report.set_defaults(run=_report, needs_settings=True)
+
     sandbox = commands.add_parser(
         "sandbox",
         help="run a local PacSpace (API, webhooks, faults) for trying pacrecon without an account",
@@ -147,6 +160,43 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
         print(f"pacrecon: {exc}", file=sys.stderr)
         return EXIT_FAILED
     serve_app(create_app(settings, ledger), settings.host, settings.port)
+    return 0
+
+
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from pacrecon.app import open_ledger
+    from receiver.admin import report_filter
+    from receiver.errors import RequestError
+    from reconciler.report import ReportPage, build_report, discrepancies_csv, report_table
+    from storage import jsonio
+    from storage.errors import SchemaNotCurrent, StorageUnavailable
+
+    if not 1 <= args.limit <= 1000:
+        raise Refusal("--limit must be between 1 and 1000")
+    try:
+        where = report_filter({"customer_id": args.customer_id, "since": args.since, "until": args.until})
+    except RequestError as exc:
+        raise Refusal(str(exc)) from None
+    page = ReportPage(discrepancy_limit=args.limit, customer_limit=args.limit)
+    ledger = open_ledger(settings)
+    try:
+        ledger.check_schema()
+        report = ledger.read_sync(lambda s: build_report(s, where, page, datetime.now(UTC)))
+    except StorageUnavailable as exc:
+        print(f"pacrecon: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except SchemaNotCurrent as exc:
+        raise Refusal(str(exc)) from None
+    finally:
+        ledger.close()
+    if args.format == "json":
+        print(jsonio.dumps(report))
+    elif args.format == "csv":
+        sys.stdout.write(discrepancies_csv(report["discrepancies"]["rows"]))
+    else:
+        sys.stdout.write(report_table(report))
     return 0
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 
@@ -13,10 +14,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from receiver.body import read_limited_body
+from receiver.errors import RequestError
 from receiver.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_signature
 from reconciler.apply import record_event
 from reconciler.errors import InvalidEvent
 from reconciler.events import parse_event
+from storage.errors import StorageUnavailable
 from storage.ledger import Ledger
 from storage.vocabulary import EventOutcome
 
@@ -32,8 +35,29 @@ class WebhookReceiver:
     tolerance_seconds: int
     max_body_bytes: int
     clock: Callable[[], float]
+    # told of every delivery: (outcome, reason for a rejection or "", seconds spent)
+    observe: Callable[[str, str, float], None] = field(default=lambda outcome, reason, seconds: None)
 
     async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        outcome, reason = "rejected", "internal_error"
+        try:
+            response, outcome = await self._handle(request)
+            reason = ""
+            return response
+        except (SignatureError, RequestError) as exc:
+            reason = exc.code
+            raise
+        except InvalidEvent:
+            reason = "invalid_payload"
+            raise
+        except StorageUnavailable:
+            outcome, reason = "unavailable", ""
+            raise
+        finally:
+            self.observe(outcome, reason, time.perf_counter() - started)
+
+    async def _handle(self, request: Request) -> tuple[Response, str]:
         raw_body = await read_limited_body(request, self.max_body_bytes)
         try:
             signature_timestamp = verify_signature(
@@ -61,15 +85,16 @@ class WebhookReceiver:
             )
         )
         answer = "duplicate" if recorded.duplicate else "ignored" if recorded.outcome is EventOutcome.IGNORED else "recorded"
+        outcome = recorded.outcome.value if recorded.outcome and not recorded.duplicate else "duplicate"
         log.info(
             "webhook",
             event_id=event.event_id,
             event_type=event.event_type,
             anchor_id=recorded.anchor_id,
-            outcome=recorded.outcome.value if recorded.outcome else "duplicate",
+            outcome=outcome,
             discrepancies=sorted({f.kind.value for f in recorded.findings}) or None,
         )
-        return JSONResponse({"status": answer})
+        return JSONResponse({"status": answer}), outcome
 
 
 def _client(request: Request) -> str | None:

@@ -172,6 +172,7 @@ def _follow(delta: LocalDelta, claim: DeltaClaim, now: datetime, by: VerifiedBy)
             delta.status = DeltaStatus.VERIFIED.value
             delta.verified_at = now
             delta.verified_by = by.value
+            delta.verification_lag_ms = verification_lag_ms(delta, now)
         _fill(delta, claim)
     elif claim.status is ClaimedStatus.FAILED:
         if not status.is_terminal:
@@ -183,6 +184,12 @@ def _follow(delta: LocalDelta, claim: DeltaClaim, now: datetime, by: VerifiedBy)
     else:
         return
     delta.updated_at = now
+
+
+def verification_lag_ms(delta: LocalDelta, verified_at: datetime) -> int:
+    """Milliseconds from emit (PacSpace's receivedAt, else our record) to verified, never negative."""
+    emitted = delta.emitted_at or delta.created_at
+    return max(0, round((verified_at - emitted).total_seconds() * 1000))
 
 
 def _fill(delta: LocalDelta, claim: DeltaClaim) -> None:

@@ -135,8 +135,10 @@ class PacSpaceClient:
         retry: RetryPolicy = RetryPolicy(),
         sleep: Callable[[float], Any] = asyncio.sleep,
         rng: random.Random | None = None,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
         self._client = client
+        self._observe = observe or (lambda endpoint, outcome: None)  # (endpoint name, HTTP status or error code)
         self._base = base_url.rstrip("/")
         self._headers = {"X-Api-Key": api_key, "Accept": "application/json"}
         self._retry = retry
@@ -145,32 +147,32 @@ class PacSpaceClient:
 
     def with_retry(self, retry: RetryPolicy) -> PacSpaceClient:
         """The same client (same pool, same key) with another retry policy."""
-        return PacSpaceClient(self._client, self._base, self._headers["X-Api-Key"], retry, self._sleep, self._rng)
+        return PacSpaceClient(self._client, self._base, self._headers["X-Api-Key"], retry, self._sleep, self._rng, self._observe)
 
     # -- the endpoints ----------------------------------------------------------
 
     async def emit(self, body: bytes, *, idempotency_key: str, credit_pool_id: str | None = None) -> EmitAnswer:
         """Send one delta request, exactly these bytes, under `idempotency_key`."""
-        data = await self._call("POST", "/api/v1/balance/delta", body=body, idempotency_key=idempotency_key, credit_pool_id=credit_pool_id)
+        data = await self._call("emit", "POST", "/api/v1/balance/delta", body=body, idempotency_key=idempotency_key, credit_pool_id=credit_pool_id)
         return _emit_answer(data)
 
     async def emit_batch(self, body: bytes, *, idempotency_key: str, credit_pool_id: str | None = None) -> BatchAnswer:
-        data = await self._call("POST", "/api/v1/balance/delta/batch", body=body, idempotency_key=idempotency_key, credit_pool_id=credit_pool_id)
+        data = await self._call("emit_batch", "POST", "/api/v1/balance/delta/batch", body=body, idempotency_key=idempotency_key, credit_pool_id=credit_pool_id)
         raw_results = data.get("results") if isinstance(data.get("results"), list) else []
         results = tuple(_batch_item(item) for item in raw_results if isinstance(item, dict))
         return BatchAnswer(_count(data.get("totalQueued")), _count(data.get("totalFailed")), results, data)
 
     async def delta_status(self, anchor_id: str) -> StatusAnswer:
-        data = await self._call("GET", f"/api/v1/balance/delta/{_segment(anchor_id)}")
+        data = await self._call("delta_status", "GET", f"/api/v1/balance/delta/{_segment(anchor_id)}")
         word = str(data.get("status", ""))
         return StatusAnswer(str(data.get("anchorId", anchor_id)), status_from(word), word, data)
 
     async def list_webhooks(self, status: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         params = {"limit": str(limit), "offset": str(offset), **({"status": status} if status else {})}
-        return await self._call("GET", "/api/v1/balance/webhooks", params=params)
+        return await self._call("list_webhooks", "GET", "/api/v1/balance/webhooks", params=params)
 
     async def retry_webhook(self, event_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/api/v1/balance/webhooks/{_segment(event_id)}/retry")
+        return await self._call("retry_webhook", "POST", f"/api/v1/balance/webhooks/{_segment(event_id)}/retry")
 
     async def gaps(self, customer_id: str, from_sequence: int | None = None, to_sequence: int | None = None, limit: int | None = None) -> dict[str, Any]:
         params = {
@@ -178,15 +180,16 @@ class PacSpaceClient:
             for name, value in (("fromSequence", from_sequence), ("toSequence", to_sequence), ("limit", limit))
             if value is not None
         }
-        return await self._call("GET", f"/api/v1/balance/gaps/{_segment(customer_id)}", params=params)
+        return await self._call("gaps", "GET", f"/api/v1/balance/gaps/{_segment(customer_id)}", params=params)
 
     async def verify_receipt(self, receipt_id: str, source: str = "both") -> dict[str, Any]:
-        return await self._call("GET", f"/api/v1/verify/{_segment(receipt_id)}", params={"source": source}, public=True)
+        return await self._call("verify_receipt", "GET", f"/api/v1/verify/{_segment(receipt_id)}", params={"source": source}, public=True)
 
     # -- the one request loop ---------------------------------------------------
 
     async def _call(
         self,
+        endpoint: str,
         method: str,
         path: str,
         *,
@@ -208,10 +211,13 @@ class PacSpaceClient:
             attempt += 1
             try:
                 response = await self._client.request(method, self._base + path, content=body, params=params, headers=headers)
+                self._observe(endpoint, str(response.status_code))
                 error = _error_of(response)
             except httpx.TimeoutException as exc:
+                self._observe(endpoint, "timeout")
                 error = PacSpaceError(None, "TIMEOUT", f"{type(exc).__name__} after the client timeout", retryable=True)
             except httpx.TransportError as exc:
+                self._observe(endpoint, "network_error")
                 error = PacSpaceError(None, "NETWORK_ERROR", type(exc).__name__, retryable=True)
             else:
                 if error is None:

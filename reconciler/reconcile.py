@@ -136,9 +136,10 @@ class Reconciler:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    async def run_pass(self, dry_run: bool = False) -> PassSummary:
+    async def run_pass(self, dry_run: bool = False, on_started: Callable[[int], None] | None = None) -> PassSummary:
         """One pass; never raises for PacSpace's or the ledger's troubles: they are in the
-        summary (status `failed`, `error_detail`) and in the run row."""
+        summary (status `failed`, `error_detail`) and in the run row. `on_started` is
+        given the run id as soon as the run row exists (not for a dry run)."""
         summary = PassSummary(dry_run=dry_run, started_at=self._now())
         with contextlib.ExitStack() as stack:
             try:
@@ -153,12 +154,12 @@ class Reconciler:
                     summary.status = "skipped"
                     log.info("reconcile_pass", status=summary.status, skipped=summary.skipped, dry_run=summary.dry_run)
                     return summary
-                await self._run(summary, held)
+                await self._run(summary, held, on_started)
             finally:
                 await anyio.to_thread.run_sync(stack.close)
         return summary
 
-    async def _run(self, summary: PassSummary, held: Held) -> None:
+    async def _run(self, summary: PassSummary, held: Held, on_started: Callable[[int], None] | None = None) -> None:
         now = summary.started_at or self._now()
         try:
             base_open = await self.ledger.read(lambda s: s.count_open_discrepancies())
@@ -166,6 +167,8 @@ class Reconciler:
                 summary.run_id = await self.ledger.transact(
                     lambda s: s.add_run(ReconciliationRun(status=RunStatus.RUNNING.value, started_at=now))
                 )
+                if on_started is not None:
+                    on_started(summary.run_id)
             opened = await self._stale_deltas(summary, now, held)
             opened += await self._orphans(summary, now)
             if not summary.dry_run:

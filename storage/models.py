@@ -16,6 +16,7 @@ from storage.vocabulary import DiscrepancyStatus, UNSETTLED_STATUSES
 # when the query's WHERE visibly implies the index's, and bound parameters do not.
 UNSETTLED_PREDICATE = text("status IN (%s)" % ", ".join(f"'{s.value}'" for s in UNSETTLED_STATUSES))
 ORPHAN_PREDICATE = text("outcome = 'orphan'")
+VERIFIED_LAG_PREDICATE = text("verification_lag_ms IS NOT NULL")
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
 
 
@@ -40,6 +41,16 @@ class LocalDelta(SQLModel, table=True):
         Index("ix_local_delta_customer_sequence", "customer_id", "sequence_number"),
         Index("ix_local_delta_customer_id", "customer_id", "id"),
         Index("ix_local_delta_status_id", "status", "id"),
+        # the report's totals per status (and per customer) read these indexes alone, not the table
+        Index("ix_local_delta_status_amount", "status", "amount"),
+        Index("ix_local_delta_customer_status_amount", "customer_id", "status", "amount"),
+        # the report's lag percentiles walk this index from either end
+        Index(
+            "ix_local_delta_verification_lag",
+            "verification_lag_ms",
+            sqlite_where=VERIFIED_LAG_PREDICATE,
+            postgresql_where=VERIFIED_LAG_PREDICATE,
+        ),
         # one row per accepted item: registering the same emit answer twice adds nothing
         Index("ux_local_delta_anchor_item", "anchor_id", "item_hash", unique=True),
     )
@@ -72,6 +83,8 @@ class LocalDelta(SQLModel, table=True):
     verified_at: datetime | None = _time()
     failed_at: datetime | None = _time()
     updated_at: datetime = _time(nullable=False)
+    # verified_at - emitted_at, set with verified_at: percentiles need an index, not arithmetic per row
+    verification_lag_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class OutboxSubmission(SQLModel, table=True):
@@ -177,6 +190,53 @@ class ReconciliationRun(SQLModel, table=True):
     errors: int = 0
     found: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error_detail: str | None = Field(default=None, max_length=4000)
+
+
+class WebhookTally(SQLModel, table=True):
+    """Webhook deliveries that left no event row (duplicates, rejections), counted per hour.
+
+    Counted in memory by the receiver and added here every few seconds, so that a
+    flood of forgeries costs no write per request.
+    """
+
+    __tablename__ = "webhook_tally"
+    __table_args__ = (Index("ux_webhook_tally_hour_outcome_reason", "hour", "outcome", "reason", unique=True),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    hour: datetime = _time(nullable=False)  # the start of the hour (UTC)
+    outcome: str = Field(max_length=16)  # "duplicate", "rejected", "unavailable"
+    reason: str = Field(max_length=64)  # the rejection's code; "" otherwise
+    count: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class LedgerRollup(SQLModel, table=True):
+    """Running aggregates kept by database triggers (migration 0005), so the report reads a
+    few hundred rows instead of millions: per delta status (count, exact amount), per
+    verification-lag bucket (count), per webhook event outcome (count).
+
+    `shard`: 0 on SQLite; on PostgreSQL the writing connection's backend pid, so that
+    concurrent writers never wait on (or deadlock over) one hot row; rows of closed
+    connections are folded into shard 0 now and then. Amounts are kept as whole units
+    plus 1e-9 units, each summed separately, so no sum overflows or rounds.
+    """
+
+    __tablename__ = "ledger_rollup"
+
+    metric: str = Field(max_length=32, primary_key=True)  # "delta_status", "lag_bucket", "event_outcome"
+    key: str = Field(max_length=64, primary_key=True)  # the status, the bucket's lower bound in ms, the outcome
+    shard: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    count: int = Field(sa_column=Column(BigInteger, nullable=False))
+    whole: int = Field(sa_column=Column(BigInteger, nullable=False))
+    nanos: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class LagBucket(SQLModel, table=True):
+    """Lower bounds of the verification-lag buckets: one per ms below 100 ms, then each
+    1 % above the last, so a percentile read from them is within 1 % of the exact one."""
+
+    __tablename__ = "lag_bucket"
+
+    lower_ms: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
 
 
 class AuditEntry(SQLModel, table=True):

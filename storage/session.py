@@ -22,7 +22,10 @@ from storage.models import (
     OutboxSubmission,
     ReconciliationRun,
     WebhookEvent,
+    WebhookTally,
 )
+from storage.report_queries import ReportQueries
+from storage.rollup_sql import POSTGRES_FOLD
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
 from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 
@@ -41,6 +44,10 @@ class LedgerSession:
     @property
     def dialect(self) -> str:
         return self._dialect
+
+    def report(self) -> ReportQueries:
+        """The report's reads, in this transaction."""
+        return ReportQueries(self._session)
 
     def _insert(self, model: type[Any]) -> Any:
         return (sqlite_insert if self._dialect == "sqlite" else postgresql_insert)(model)
@@ -298,3 +305,27 @@ class LedgerSession:
         if outcome is not None:
             statement = statement.where(WebhookEvent.outcome == outcome.value)
         return int(self._session.execute(statement).scalar_one())
+
+    def add_webhook_tallies(self, hour: datetime, counts: dict[tuple[str, str], int]) -> None:
+        """Add `counts` ((outcome, reason) -> n) to the hour's tallies."""
+        table = WebhookTally.__table__
+        for (outcome, reason), count in sorted(counts.items()):
+            statement = self._insert(WebhookTally).values(hour=hour, outcome=outcome, reason=reason[:64], count=count)
+            statement = statement.on_conflict_do_update(
+                index_elements=[table.c.hour, table.c.outcome, table.c.reason],
+                set_={"count": table.c.count + statement.excluded.count},
+            )
+            self._session.execute(statement)
+
+    def resolve_discrepancy(self, discrepancy_id: int, note: str, now: datetime) -> Discrepancy | None:
+        """Mark one open discrepancy resolved by a person; None when it is not open."""
+        row = self._session.get(Discrepancy, discrepancy_id, populate_existing=True)
+        if row is None or row.status != DiscrepancyStatus.OPEN.value:
+            return None
+        row.status, row.resolved_at, row.resolution_note = DiscrepancyStatus.RESOLVED.value, now, note[:2000]
+        return row
+
+    def fold_rollup(self) -> None:
+        """PostgreSQL: fold the rollup rows of closed connections into shard 0."""
+        if self._dialect != "sqlite":
+            self._session.execute(text(POSTGRES_FOLD))

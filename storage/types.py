@@ -16,7 +16,7 @@ from storage.errors import AmountOutOfRange
 AMOUNT_SCALE = 9  # decimal places the ledger keeps exactly
 # |amount| at most PacSpace's own limit; 1e9 in 1e-9 units still fits a signed 64-bit integer
 AMOUNT_LIMIT = Decimal(1_000_000_000)
-_UNITS_PER_ONE = 10**AMOUNT_SCALE
+UNITS_PER_ONE = 10**AMOUNT_SCALE
 
 
 def amount_to_units(amount: Decimal) -> int:
@@ -84,8 +84,8 @@ def exact_sum_parts(column: ColumnElement[Decimal], dialect_name: str) -> list[C
     if dialect_name == "sqlite":
         units = column.cast(BigInteger)  # the stored INTEGER, past the type decorator
         # SQLite's own integer `/` truncates and `%` keeps the dividend's sign: q*d + r == units
-        whole = units.op("/", return_type=BigInteger)(_UNITS_PER_ONE)
-        fraction = units.op("%", return_type=BigInteger)(_UNITS_PER_ONE)
+        whole = units.op("/", return_type=BigInteger)(UNITS_PER_ONE)
+        fraction = units.op("%", return_type=BigInteger)(UNITS_PER_ONE)
         return [func.coalesce(func.sum(whole), 0), func.coalesce(func.sum(fraction), 0)]
     return [func.coalesce(func.sum(column), 0)]
 
@@ -93,7 +93,7 @@ def exact_sum_parts(column: ColumnElement[Decimal], dialect_name: str) -> list[C
 def combine_exact_sum(parts: list[Any], dialect_name: str) -> Decimal:
     if dialect_name == "sqlite":
         whole, fraction = (int(p) for p in parts)
-        return units_to_amount(whole * _UNITS_PER_ONE + fraction)
+        return units_to_amount(whole * UNITS_PER_ONE + fraction)
     return canonical_amount(Decimal(parts[0]))
 
 

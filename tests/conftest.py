@@ -46,7 +46,8 @@ def empty_postgres(url: str) -> None:
     import storage.models  # noqa: F401  (every table on the metadata)
     from sqlmodel import SQLModel
 
-    tables = ", ".join(table.name for table in SQLModel.metadata.sorted_tables)
+    # lag_bucket is reference data the migration wrote, not ledger contents
+    tables = ", ".join(table.name for table in SQLModel.metadata.sorted_tables if table.name != "lag_bucket")
     engine = make_engine(url)
     with engine.begin() as connection:
         connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))

@@ -86,8 +86,8 @@ def test_an_event_type_we_do_not_act_on_is_ignored(daemon: Daemon, daemon_databa
         (lambda h: h.pop("X-PacSpace-Signature"), "missing_signature"),
         (lambda h: h.pop("X-PacSpace-Timestamp"), "missing_signature"),
         (lambda h: h.update({"X-PacSpace-Timestamp": "yesterday"}), "invalid_timestamp"),
-        (lambda h: h.update({"X-PacSpace-Timestamp": str(int(time.time()) - 301)}), "stale_timestamp"),
-        (lambda h: h.update({"X-PacSpace-Timestamp": str(int(time.time()) + 301)}), "stale_timestamp"),
+        (lambda h: h.update({"X-PacSpace-Timestamp": str(int(time.time()) - 310)}), "stale_timestamp"),
+        (lambda h: h.update({"X-PacSpace-Timestamp": str(int(time.time()) + 310)}), "stale_timestamp"),
         (lambda h: h.update({"X-PacSpace-Signature": "v1=" + "0" * 64}), "invalid_signature"),
     ],
 )

@@ -1,0 +1,153 @@
+"""The trigger-kept rollup always equals what the rows themselves say, on both databases."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy import text
+
+from storage.models import LocalDelta, WebhookEvent
+from storage.report_queries import PERCENTILES, ReportFilter, _rank
+from storage.session import LedgerSession
+from storage.sql_ledger import SqlLedger
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+STATUSES = ["PENDING", "QUEUED", "PROCESSING", "VERIFIED", "FAILED", "REJECTED"]
+
+
+def _amount(rng: random.Random) -> Decimal:
+    return rng.choice([
+        Decimal(rng.randint(-10**6, 10**6)).scaleb(-2),
+        Decimal(rng.randint(-10**18, 10**18)).scaleb(-9),  # up to |1e9| with all nine decimals
+        Decimal("-0.000000001"),
+        Decimal("999999999.999999999"),
+    ])
+
+
+def _delta(n: int, rng: random.Random) -> LocalDelta:
+    status = rng.choice(STATUSES)
+    return LocalDelta(
+        anchor_id=f"anc_{n}", item_hash=f"0x{n:064x}", customer_id=f"cust_{n % 7}", amount=_amount(rng), reason="r",
+        idempotency_key=f"k{n}", source="import", status=status, created_at=NOW, emitted_at=NOW, updated_at=NOW,
+        verification_lag_ms=rng.choice([0, 1, 99, 100, 101, rng.randint(0, 10**7)]) if status == "VERIFIED" else None,
+    )
+
+
+def _churn(session: LedgerSession, rng: random.Random, start: int, count: int) -> None:
+    """Inserts, status moves, lag changes and event outcomes: every way the rollup moves."""
+    for n in range(start, start + count):
+        session.add_delta(_delta(n, rng))
+        session.insert_event(WebhookEvent(event_id=f"evt_{n}", event_type="delta.verified", raw_body=b"{}",
+                                          signature_timestamp=0, received_at=NOW, outcome=rng.choice(["applied", "orphan", "ignored"])))
+    session.flush()
+    for delta in session.list_deltas(customer_id=None, status=None, after_id=None, limit=10_000):
+        if rng.random() < 0.3:
+            delta.status = "VERIFIED"
+            delta.verification_lag_ms = rng.randint(0, 10**6)
+        elif rng.random() < 0.1:
+            delta.amount = _amount(rng)
+    session.flush()
+    session._session.execute(text("UPDATE webhook_event SET outcome = 'applied' WHERE outcome = 'orphan' AND id % 2 = 0"))
+
+
+def _check(ledger: SqlLedger) -> None:
+    def compare(session: LedgerSession) -> None:
+        deltas = session.list_deltas(customer_id=None, status=None, after_id=None, limit=100_000)
+        expected: dict[str, tuple[int, Decimal]] = {}
+        for d in deltas:
+            count, total = expected.get(d.status, (0, Decimal(0)))
+            expected[d.status] = (count + 1, total + d.amount)
+        totals = session.report().totals_by_status(ReportFilter())
+        assert {s: (t.count, t.amount) for s, t in totals.items()} == expected
+
+        lags = sorted(d.verification_lag_ms for d in deltas if d.verification_lag_ms is not None)
+        lag = session.report().lag(ReportFilter())
+        assert lag.count == len(lags) and lag.max_ms == lags[-1]
+        for p in PERCENTILES:
+            exact = lags[_rank(p, len(lags)) - 1]
+            assert exact <= lag.percentiles_ms[p] <= max(exact, exact * 1.01 + 1), (p, exact, lag.percentiles_ms[p])
+        assert sum(n for _, n in lag.histogram) == len(lags)
+
+        events = session._session.execute(text("SELECT count(*), sum(CASE WHEN outcome = 'orphan' THEN 1 ELSE 0 END) FROM webhook_event")).one()
+        assert session.report().events_received(ReportFilter()) == (int(events[0]), int(events[1] or 0))
+        # the filtered path reads the rows themselves: both paths agree
+        everyone = [session.report().totals_by_status(ReportFilter(customer_id=f"cust_{c}")) for c in range(7)]
+        for status, (count, amount) in expected.items():
+            assert sum(t[status].count for t in everyone if status in t) == count
+            assert sum((t[status].amount for t in everyone if status in t), Decimal(0)) == amount
+
+    ledger.read_sync(compare)
+
+
+def test_the_rollup_follows_every_write(ledger: SqlLedger) -> None:
+    rng = random.Random(11)
+    ledger.transact_sync(lambda s: _churn(s, rng, 0, 300))
+    _check(ledger)
+    ledger.transact_sync(lambda s: _churn(s, rng, 300, 100))
+    _check(ledger)
+
+
+def test_a_rolled_back_write_leaves_the_rollup_alone(ledger: SqlLedger) -> None:
+    rng = random.Random(12)
+    ledger.transact_sync(lambda s: _churn(s, rng, 0, 50))
+
+    def fail(session: LedgerSession) -> None:
+        _churn(session, rng, 50, 50)
+        raise RuntimeError("rolled back")
+
+    try:
+        ledger.transact_sync(fail)
+    except RuntimeError:
+        pass
+    _check(ledger)
+
+
+def test_writers_on_several_connections_and_the_fold(database_url: str) -> None:
+    """PostgreSQL keeps a shard per connection; folding closed ones keeps every sum."""
+    rng = random.Random(13)
+    for start in (0, 100, 200):  # three ledgers: three connections, three shards (on PostgreSQL)
+        writer = SqlLedger.from_url(database_url)
+        writer.transact_sync(lambda s: _churn(s, rng, start, 100))
+        writer.close()
+    ledger = SqlLedger.from_url(database_url)
+    try:
+        _check(ledger)
+        ledger.transact_sync(lambda s: s.fold_rollup())
+        _check(ledger)
+        shards = ledger.read_sync(lambda s: s._session.execute(text("SELECT count(DISTINCT shard) FROM ledger_rollup")).scalar_one())
+        assert shards == 1  # every closed connection's rows folded into shard 0 (the one shard on SQLite)
+    finally:
+        ledger.close()
+
+
+def test_a_migration_backfills_the_rollup_from_existing_rows(tmp_path: Path) -> None:
+    from alembic import command
+
+    from storage.engine import make_engine
+    from storage.schema import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    command.upgrade(alembic_config(engine), "0004")
+    engine.dispose()
+    rng = random.Random(14)
+    old = SqlLedger.from_url(url)
+
+    def add(session: LedgerSession) -> None:
+        for n in range(200):
+            session.add_delta(_delta(n, rng))
+
+    old.transact_sync(add)
+    old.close()
+    engine = make_engine(url)
+    command.upgrade(alembic_config(engine), "head")
+    engine.dispose()
+    ledger = SqlLedger.from_url(url)
+    try:
+        _check(ledger)
+    finally:
+        ledger.close()
+
