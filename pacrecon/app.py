@@ -12,7 +12,9 @@ import httpx
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
+from pacrecon.lifecycle import Lifecycle, StopGate
 from pacrecon.settings import Settings
 from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
@@ -72,14 +74,16 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
     )
     deltas = DeltasApi(ledger=ledger, outbox=outbox, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
     scheduler = AsyncIOScheduler(timezone="UTC")
+    lifecycle = Lifecycle()
     if outbox is not None and pacspace is not None:
         reconciler = make_reconciler(settings, ledger, pacspace, clock)
+        lifecycle.on_stop(reconciler.request_stop)
         for name, job, seconds in (
             ("outbox_resend", outbox.resend_due, settings.outbox_retry_interval_seconds),
             ("reconcile", reconciler.run_pass, settings.reconcile_interval_seconds),
         ):
             # max_instances=1 and coalescing: never two runs of a job at once, no backlog
-            scheduler.add_job(_logged(job, name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
+            scheduler.add_job(_logged(lifecycle.tracked(job), name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -92,11 +96,14 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
             # in-flight requests have finished: commit what they submitted, then let go
             await anyio.to_thread.run_sync(ledger.close)
 
-    return Starlette(
-        routes=[*health_routes(ledger), *webhook_routes(receiver), *deltas.routes()],
+    app = Starlette(
+        routes=[*health_routes(ledger, lambda: lifecycle.stopping), *webhook_routes(receiver), *deltas.routes()],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
+        middleware=[Middleware(StopGate, lifecycle=lifecycle)],
     )
+    app.state.lifecycle = lifecycle  # for the server: SIGTERM starts the stop sequence
+    return app
 
 
 def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time) -> Reconciler:
