@@ -15,7 +15,9 @@ import httpx
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
+from pacrecon.lifecycle import Lifecycle, StopGate
 from pacrecon.metrics import Metrics, MetricsEndpoint
 from pacrecon.settings import Settings
 from receiver.admin import AdminApi
@@ -89,13 +91,16 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
     )
     deltas = DeltasApi(ledger=ledger, outbox=outbox, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
     scheduler = AsyncIOScheduler(timezone="UTC")
+    lifecycle = Lifecycle()
     jobs: list[tuple[str, Callable[[], Awaitable[Any]], float]] = [("webhook_tally", partial(tally.flush, ledger), TALLY_FLUSH_SECONDS)]
     run_pass: Callable[[Callable[[int], None] | None], Awaitable[PassSummary]] | None = None
     if outbox is not None and pacspace is not None:
         reconciler = make_reconciler(settings, ledger, pacspace, clock)
+        lifecycle.on_stop(reconciler.request_stop)
 
         async def run_pass(on_started: Callable[[int], None] | None = None) -> PassSummary:
-            summary = await reconciler.run_pass(on_started=on_started)
+            async with lifecycle.work():  # a pass asked for by an admin is drained too
+                summary = await reconciler.run_pass(on_started=on_started)
             duration = (summary.finished_at - summary.started_at).total_seconds() if summary.finished_at and summary.started_at else None
             metrics.run(summary.status, duration)
             return summary
@@ -106,7 +111,7 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
         ]
     for name, job, seconds in jobs:
         # max_instances=1 and coalescing: never two runs of a job at once, no backlog
-        scheduler.add_job(_logged(job, name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
+        scheduler.add_job(_logged(lifecycle.tracked(job), name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -123,17 +128,20 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
 
     admin = AdminApi(ledger=ledger, token=settings.admin_token, start_pass=run_pass, clock=clock)
     routes = [
-        *health_routes(ledger),
+        *health_routes(ledger, lambda: lifecycle.stopping),
         *webhook_routes(receiver),
         *deltas.routes(),
         *admin.routes(),
         *MetricsEndpoint(metrics, ledger).routes(),
     ]
-    return Starlette(
+    app = Starlette(
         routes=[*routes, *openapi_routes(routes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
+        middleware=[Middleware(StopGate, lifecycle=lifecycle)],
     )
+    app.state.lifecycle = lifecycle  # for the server: SIGTERM starts the stop sequence
+    return app
 
 
 def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time) -> Reconciler:

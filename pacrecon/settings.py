@@ -1,13 +1,17 @@
 """Configuration: `PACRECON_*` environment variables (or a `.env` file), validated once
-into one frozen `Settings` object that is passed down explicitly."""
+into one frozen `Settings` object that is passed down explicitly. Each secret may come
+from a file instead (`PACRECON_<NAME>_FILE`, see pacrecon.secret_files)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
+
+from pacrecon.secret_files import SecretFileError, SecretFilesSource
 
 ENV_PREFIX = "PACRECON_"
 # values never echoed in an error: the secrets, and the database URL (it may hold a password)
@@ -44,11 +48,24 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None  # None: console on a terminal, else JSON
     lock_timeout_ms: int = Field(5_000, ge=1, le=600_000)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        secret_files = SecretFilesSource(settings_cls, ENV_PREFIX, sorted(UNECHOED_FIELDS))
+        return init_settings, env_settings, secret_files, dotenv_settings, file_secret_settings
+
     @field_validator("webhook_secrets", mode="before")
     @classmethod
     def _split_secrets(cls, value: Any) -> Any:
         if isinstance(value, str):
-            parts = [part.strip() for part in value.split(",")]
+            # commas, or one secret per line (a secret file)
+            parts = [part.strip() for part in re.split(r"[,\n]", value.strip())]
             if any(not part for part in parts) and value.strip():
                 raise ValueError("comma-separated secrets must not be empty")
             return tuple(part for part in parts if part)
@@ -101,6 +118,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigurationError(describe_validation_error(exc)) from None
+    except SecretFileError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -1,6 +1,9 @@
-"""`/healthz` (the process answers) and `/readyz` (the ledger is reachable and migrated)."""
+"""`/healthz` (the process answers; no database, so a database outage restarts nothing) and
+`/readyz` (the ledger is reachable and migrated, and the process is not stopping)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import anyio.to_thread
 from starlette.requests import Request
@@ -16,8 +19,10 @@ async def healthz(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def readiness_route(ledger: Ledger) -> Route:
+def readiness_route(ledger: Ledger, stopping: Callable[[], bool] = lambda: False) -> Route:
     async def readyz(_: Request) -> Response:
+        if stopping():
+            return error_response(503, "shutting_down", "this instance is shutting down")
         try:
             revision = await anyio.to_thread.run_sync(ledger.check_schema)
         except StorageUnavailable as exc:
@@ -29,5 +34,5 @@ def readiness_route(ledger: Ledger) -> Route:
     return Route("/readyz", readyz, methods=["GET"])
 
 
-def health_routes(ledger: Ledger) -> list[Route]:
-    return [Route("/healthz", healthz, methods=["GET"]), readiness_route(ledger)]
+def health_routes(ledger: Ledger, stopping: Callable[[], bool] = lambda: False) -> list[Route]:
+    return [Route("/healthz", healthz, methods=["GET"]), readiness_route(ledger, stopping)]

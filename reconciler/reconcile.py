@@ -132,6 +132,16 @@ class Reconciler:
         self.stuck_after = timedelta(seconds=stuck_after_seconds)
         self.concurrency, self.page_size = concurrency, page_size
         self.clock, self.sleep = clock, sleep
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Shutdown: the running pass ends after its current page (its run row is finished
+        as failed, "stopped"), and no later pass starts work. The next start goes on."""
+        self._stop_requested = True
+
+    def _stop_if_asked(self) -> None:
+        if self._stop_requested:
+            raise PassStopped("stopped: the daemon is shutting down (the next pass goes on)")
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -172,6 +182,7 @@ class Reconciler:
             opened = await self._stale_deltas(summary, now, held)
             opened += await self._orphans(summary, now)
             if not summary.dry_run:
+                self._stop_if_asked()
                 await self._redeliver_failed(summary)
             summary.status = RunStatus.COMPLETED.value
             if summary.dry_run:
@@ -203,6 +214,7 @@ class Reconciler:
         after: tuple[datetime, int] | None = None
         opened = 0
         while True:
+            self._stop_if_asked()
             if not await anyio.to_thread.run_sync(held.still_held):
                 raise PassStopped("the pass lock was lost (its database connection broke)")
             page = await self.ledger.read(
@@ -267,6 +279,7 @@ class Reconciler:
         work = partial(_report_orphans, cutoff=now - self.stale_after, now=now, run_id=summary.run_id)
         reported = 0
         while True:
+            self._stop_if_asked()
             found = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
             reported += found
             if found < ORPHAN_PAGE or summary.dry_run:
