@@ -1,12 +1,14 @@
 # Two commands on a fresh clone; each makes its own virtual environment (.venv).
-#   make run    the daemon on SQLite with the local PacSpace sandbox (writes a development .env)
+#   make demo   the one-minute tour: sandbox + daemon on SQLite, a few hundred deltas, faults, the report
 #   make test   the test suite (PostgreSQL tests too when PACRECON_TEST_DATABASE_URL is set)
+# and
+#   make run    the daemon on SQLite with the local PacSpace sandbox, staying up (writes a development .env)
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv clean
+.PHONY: demo run test venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/pacrecon demo
 
 run: venv
 	@test -f .env || { \

@@ -32,11 +32,13 @@ from reconciler.outbox import Outbox
 from reconciler.pacspace import PacSpaceClient, RetryPolicy
 from reconciler.reconcile import PassSummary, Reconciler
 from storage.errors import StorageUnavailable
+from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
 
 
 log = structlog.get_logger("pacrecon.app")
 TALLY_FLUSH_SECONDS = 10
+ROLLUP_FOLD_SECONDS = 10  # PostgreSQL's rollup journal is folded in this often (the report reads it meanwhile)
 
 
 def open_ledger(settings: Settings) -> SqlLedger:
@@ -92,7 +94,10 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
     deltas = DeltasApi(ledger=ledger, outbox=outbox, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
     scheduler = AsyncIOScheduler(timezone="UTC")
     lifecycle = Lifecycle()
-    jobs: list[tuple[str, Callable[[], Awaitable[Any]], float]] = [("webhook_tally", partial(tally.flush, ledger), TALLY_FLUSH_SECONDS)]
+    jobs: list[tuple[str, Callable[[], Awaitable[Any]], float]] = [
+        ("webhook_tally", partial(tally.flush, ledger), TALLY_FLUSH_SECONDS),
+        ("rollup_fold", partial(ledger.transact, LedgerSession.fold_rollup), ROLLUP_FOLD_SECONDS),
+    ]
     run_pass: Callable[[Callable[[int], None] | None], Awaitable[PassSummary]] | None = None
     if outbox is not None and pacspace is not None:
         reconciler = make_reconciler(settings, ledger, pacspace, clock)

@@ -214,17 +214,29 @@ class LedgerRollup(SQLModel, table=True):
     few hundred rows instead of millions: per delta status (count, exact amount), per
     verification-lag bucket (count), per webhook event outcome (count).
 
-    `shard`: 0 on SQLite; on PostgreSQL the writing connection's backend pid, so that
-    concurrent writers never wait on (or deadlock over) one hot row; rows of closed
-    connections are folded into shard 0 now and then. Amounts are kept as whole units
-    plus 1e-9 units, each summed separately, so no sum overflows or rounds.
+    On SQLite the triggers update these rows in place. On PostgreSQL they append to
+    `ledger_rollup_journal`, which readers add in and a job folds in now and then.
+    Amounts are kept as whole units plus 1e-9 units, summed separately, so no sum
+    overflows or rounds.
     """
 
     __tablename__ = "ledger_rollup"
 
     metric: str = Field(max_length=32, primary_key=True)  # "delta_status", "lag_bucket", "event_outcome"
     key: str = Field(max_length=64, primary_key=True)  # the status, the bucket's lower bound in ms, the outcome
-    shard: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    count: int = Field(sa_column=Column(BigInteger, nullable=False))
+    whole: int = Field(sa_column=Column(BigInteger, nullable=False))
+    nanos: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class LedgerRollupJournal(SQLModel, table=True):
+    """PostgreSQL's changes to `ledger_rollup` not folded in yet (one row per change)."""
+
+    __tablename__ = "ledger_rollup_journal"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True, autoincrement=True))
+    metric: str = Field(max_length=32)
+    key: str = Field(max_length=64)
     count: int = Field(sa_column=Column(BigInteger, nullable=False))
     whole: int = Field(sa_column=Column(BigInteger, nullable=False))
     nanos: int = Field(sa_column=Column(BigInteger, nullable=False))

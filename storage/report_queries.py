@@ -16,7 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, and_, case, func, select, text
+from sqlalchemy import BigInteger, ColumnElement, and_, case, func, select, text, union_all
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -24,6 +24,7 @@ from storage.models import (
     VERIFIED_LAG_PREDICATE,
     Discrepancy,
     LedgerRollup,
+    LedgerRollupJournal,
     LocalDelta,
     ReconciliationRun,
     WebhookEvent,
@@ -80,24 +81,17 @@ class ReportQueries:
         self._dialect = session.get_bind().dialect.name
 
     def _delta_filter(self, where: ReportFilter) -> list[ColumnElement[bool]]:
-        conditions: list[ColumnElement[bool]] = []
-        if where.customer_id is not None:
-            conditions.append(LocalDelta.customer_id == where.customer_id)  # type: ignore[arg-type]
-        if where.since is not None:
-            conditions.append(LocalDelta.created_at >= where.since)  # type: ignore[arg-type, operator]
-        if where.until is not None:
-            conditions.append(LocalDelta.created_at < where.until)  # type: ignore[arg-type, operator]
-        return conditions
+        return _within(where, LocalDelta.__table__.c.customer_id, LocalDelta.__table__.c.created_at)
 
     # -- deltas -------------------------------------------------------------------
 
     def _rollup(self, metric: str) -> list[tuple[str, int, int, int]]:
-        """(key, count, whole units, 1e-9 units) of one rollup metric, all shards summed."""
-        statement = (
-            select(LedgerRollup.key, func.sum(LedgerRollup.count), func.sum(LedgerRollup.whole), func.sum(LedgerRollup.nanos))
-            .where(LedgerRollup.metric == metric)
-            .group_by(LedgerRollup.key)
-        )
+        """(key, count, whole units, 1e-9 units) of one rollup metric, the journal's changes added."""
+        parts = union_all(
+            *(select(t.key, t.count, t.whole, t.nanos).where(t.metric == metric)  # type: ignore[arg-type]
+              for t in (LedgerRollup, LedgerRollupJournal))
+        ).subquery()
+        statement = select(parts.c.key, func.sum(parts.c.count), func.sum(parts.c.whole), func.sum(parts.c.nanos)).group_by(parts.c.key)
         return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in self._session.execute(statement)]
 
     def totals_by_status(self, where: ReportFilter) -> dict[str, StatusTotal]:
@@ -210,17 +204,12 @@ class ReportQueries:
     def _discrepancy_filter(
         self, where: ReportFilter, kind: str | None = None, status: str | None = DiscrepancyStatus.OPEN.value
     ) -> list[ColumnElement[bool]]:
-        conditions: list[ColumnElement[bool]] = []
+        table = Discrepancy.__table__.c
+        conditions = _within(where, table.customer_id, table.first_seen_at)
         if status is not None:
-            conditions.append(Discrepancy.status == status)  # type: ignore[arg-type]
+            conditions.append(table.status == status)
         if kind is not None:
-            conditions.append(Discrepancy.kind == kind)  # type: ignore[arg-type]
-        if where.customer_id is not None:
-            conditions.append(Discrepancy.customer_id == where.customer_id)  # type: ignore[arg-type]
-        if where.since is not None:
-            conditions.append(Discrepancy.first_seen_at >= where.since)  # type: ignore[arg-type, operator]
-        if where.until is not None:
-            conditions.append(Discrepancy.first_seen_at < where.until)  # type: ignore[arg-type, operator]
+            conditions.append(table.kind == kind)
         return conditions
 
     def open_by_kind(self, where: ReportFilter) -> dict[str, int]:
@@ -272,11 +261,7 @@ class ReportQueries:
         if not where.by_time:
             outcomes = {key: count for key, count, _, _ in self._rollup("event_outcome")}
             return sum(outcomes.values()), outcomes.get("orphan", 0)
-        conditions: list[Any] = []
-        if where.since is not None:
-            conditions.append(WebhookEvent.received_at >= where.since)
-        if where.until is not None:
-            conditions.append(WebhookEvent.received_at < where.until)
+        conditions = _within(where, None, WebhookEvent.__table__.c.received_at)
         received = select(func.count()).select_from(WebhookEvent).where(*conditions)
         orphans = select(func.count()).select_from(WebhookEvent).where(text("outcome = 'orphan'"), *conditions)
         return int(self._session.execute(received).scalar_one()), int(self._session.execute(orphans).scalar_one())
@@ -294,6 +279,18 @@ class ReportQueries:
             .group_by(WebhookTally.outcome, WebhookTally.reason)
         )
         return [(row[0], row[1], int(row[2])) for row in self._session.execute(statement)]
+
+
+def _within(where: ReportFilter, customer: Any, moment: Any) -> list[ColumnElement[bool]]:
+    """The filter's conditions on a table's customer column (None: it has none) and time column."""
+    conditions: list[ColumnElement[bool]] = []
+    if customer is not None and where.customer_id is not None:
+        conditions.append(customer == where.customer_id)
+    if where.since is not None:
+        conditions.append(moment >= where.since)
+    if where.until is not None:
+        conditions.append(moment < where.until)
+    return conditions
 
 
 @functools.cache

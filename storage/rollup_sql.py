@@ -4,6 +4,8 @@ check the rollup against aggregates computed from the rows themselves."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 LAG_LINEAR_UNTIL_MS = 100
 LAG_STEP = 1.01
 LAG_LIMIT_MS = 10**11  # about three years; larger lags share the last bucket
@@ -18,12 +20,12 @@ def lag_bucket_bounds() -> list[int]:
 
 _BUCKET = "(SELECT max(lower_ms) FROM lag_bucket WHERE lower_ms <= {lag})"
 
-# -- SQLite: one writer at a time, one shard -------------------------------------------
+# -- SQLite: one writer at a time: the rollup itself, updated in place -------------------------------------------
 
 _SQLITE_ADD = """
-INSERT INTO ledger_rollup (metric, key, shard, count, whole, nanos)
-SELECT '{metric}', {key}, 0, {sign}1, {sign}({whole}), {sign}({nanos}) WHERE {when}
-ON CONFLICT (metric, key, shard) DO UPDATE SET
+INSERT INTO ledger_rollup (metric, key, count, whole, nanos)
+SELECT '{metric}', {key}, {sign}1, {sign}({whole}), {sign}({nanos}) WHERE {when}
+ON CONFLICT (metric, key) DO UPDATE SET
   count = count + excluded.count, whole = whole + excluded.whole, nanos = nanos + excluded.nanos;
 """
 
@@ -55,62 +57,61 @@ SQLITE_DROP = [f"DROP TRIGGER IF EXISTS {name}" for name in (
     "rollup_delta_insert", "rollup_delta_delete", "rollup_delta_update",
     "rollup_event_insert", "rollup_event_delete", "rollup_event_update")]
 
-# -- PostgreSQL: a shard per writing connection ---------------------------------------------
+# -- PostgreSQL: an append-only journal, folded into the rollup now and then -------------
+# Updating one rollup row per write would serialise concurrent writers on a hot row, and
+# PostgreSQL slows down quadratically when one transaction updates the same row thousands
+# of times (each new version is found by walking the old ones). Appending a journal row
+# costs neither; the report adds the journal to the rollup, and a job folds it in.
+
+def _pg_journal(metric: str, key: str, sign: str, whole: str = "0", nanos: str = "0") -> str:
+    return f"""
+    INSERT INTO ledger_rollup_journal (metric, key, count, whole, nanos)
+    VALUES ('{metric}', {key}, {sign}1, {sign}({whole}), {sign}({nanos}));"""
+
+
+def _pg_delta(row: str, sign: str) -> str:
+    lag = _pg_journal("lag_bucket", _BUCKET.format(lag=f"{row}.verification_lag_ms") + "::text", sign)
+    return (_pg_journal("delta_status", f"{row}.status", sign, f"trunc({row}.amount)::bigint",
+                        f"(({row}.amount - trunc({row}.amount)) * 1000000000)::bigint")
+            + f"\n    IF {row}.verification_lag_ms IS NOT NULL THEN {lag}\n    END IF;")
+
+
+def _pg_event(row: str, sign: str) -> str:
+    return _pg_journal("event_outcome", f"{row}.outcome", sign)
+
+
+def _pg_function(name: str, body: Callable[[str, str], str]) -> str:
+    return f"""
+CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP IN ('UPDATE', 'DELETE') THEN {body("OLD", "-")}
+  END IF;
+  IF TG_OP IN ('UPDATE', 'INSERT') THEN {body("NEW", "")}
+  END IF;
+  RETURN NULL;
+END $$"""
+
 
 POSTGRES_TRIGGERS = [
-    """
-CREATE FUNCTION pacrecon_rollup_add(p_metric text, p_key text, p_count bigint, p_whole bigint, p_nanos bigint)
-RETURNS void LANGUAGE sql AS $$
-  INSERT INTO ledger_rollup (metric, key, shard, count, whole, nanos)
-  VALUES (p_metric, p_key, pg_backend_pid(), p_count, p_whole, p_nanos)
-  ON CONFLICT (metric, key, shard) DO UPDATE SET
-    count = ledger_rollup.count + excluded.count,
-    whole = ledger_rollup.whole + excluded.whole,
-    nanos = ledger_rollup.nanos + excluded.nanos
-$$""",
-    """
-CREATE FUNCTION pacrecon_rollup_delta(r local_delta, sign bigint) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-  PERFORM pacrecon_rollup_add('delta_status', r.status, sign, sign * trunc(r.amount)::bigint,
-                              sign * ((r.amount - trunc(r.amount)) * 1000000000)::bigint);
-  IF r.verification_lag_ms IS NOT NULL THEN
-    PERFORM pacrecon_rollup_add('lag_bucket',
-      (SELECT max(lower_ms) FROM lag_bucket WHERE lower_ms <= r.verification_lag_ms)::text, sign, 0, 0);
-  END IF;
-END $$""",
-    """
-CREATE FUNCTION pacrecon_rollup_delta_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM pacrecon_rollup_delta(OLD, -1); END IF;
-  IF TG_OP IN ('UPDATE', 'INSERT') THEN PERFORM pacrecon_rollup_delta(NEW, 1); END IF;
-  RETURN NULL;
-END $$""",
-    """
-CREATE FUNCTION pacrecon_rollup_event_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM pacrecon_rollup_add('event_outcome', OLD.outcome, -1, 0, 0); END IF;
-  IF TG_OP IN ('UPDATE', 'INSERT') THEN PERFORM pacrecon_rollup_add('event_outcome', NEW.outcome, 1, 0, 0); END IF;
-  RETURN NULL;
-END $$""",
-    "CREATE TRIGGER rollup_delta_insert_delete AFTER INSERT OR DELETE ON local_delta "
-    "FOR EACH ROW EXECUTE FUNCTION pacrecon_rollup_delta_trigger()",
-    "CREATE TRIGGER rollup_delta_update AFTER UPDATE OF status, amount, verification_lag_ms ON local_delta FOR EACH ROW "
+    _pg_function("pacrecon_rollup_delta", _pg_delta),
+    _pg_function("pacrecon_rollup_event", _pg_event),
+    "CREATE TRIGGER rollup_local_delta_insert_delete AFTER INSERT OR DELETE ON local_delta "
+    "FOR EACH ROW EXECUTE FUNCTION pacrecon_rollup_delta()",
+    "CREATE TRIGGER rollup_local_delta_update AFTER UPDATE OF status, amount, verification_lag_ms ON local_delta FOR EACH ROW "
     "WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.amount IS DISTINCT FROM NEW.amount "
-    "OR OLD.verification_lag_ms IS DISTINCT FROM NEW.verification_lag_ms) EXECUTE FUNCTION pacrecon_rollup_delta_trigger()",
-    "CREATE TRIGGER rollup_event_insert_delete AFTER INSERT OR DELETE ON webhook_event "
-    "FOR EACH ROW EXECUTE FUNCTION pacrecon_rollup_event_trigger()",
-    "CREATE TRIGGER rollup_event_update AFTER UPDATE OF outcome ON webhook_event FOR EACH ROW "
-    "WHEN (OLD.outcome IS DISTINCT FROM NEW.outcome) EXECUTE FUNCTION pacrecon_rollup_event_trigger()",
+    "OR OLD.verification_lag_ms IS DISTINCT FROM NEW.verification_lag_ms) EXECUTE FUNCTION pacrecon_rollup_delta()",
+    "CREATE TRIGGER rollup_webhook_event_insert_delete AFTER INSERT OR DELETE ON webhook_event "
+    "FOR EACH ROW EXECUTE FUNCTION pacrecon_rollup_event()",
+    "CREATE TRIGGER rollup_webhook_event_update AFTER UPDATE OF outcome ON webhook_event FOR EACH ROW "
+    "WHEN (OLD.outcome IS DISTINCT FROM NEW.outcome) EXECUTE FUNCTION pacrecon_rollup_event()",
 ]
 POSTGRES_DROP = [
-    "DROP TRIGGER IF EXISTS rollup_delta_insert_delete ON local_delta",
-    "DROP TRIGGER IF EXISTS rollup_delta_update ON local_delta",
-    "DROP TRIGGER IF EXISTS rollup_event_insert_delete ON webhook_event",
-    "DROP TRIGGER IF EXISTS rollup_event_update ON webhook_event",
-    "DROP FUNCTION IF EXISTS pacrecon_rollup_event_trigger()",
-    "DROP FUNCTION IF EXISTS pacrecon_rollup_delta_trigger()",
-    "DROP FUNCTION IF EXISTS pacrecon_rollup_delta(local_delta, bigint)",
-    "DROP FUNCTION IF EXISTS pacrecon_rollup_add(text, text, bigint, bigint, bigint)",
+    "DROP TRIGGER IF EXISTS rollup_local_delta_insert_delete ON local_delta",
+    "DROP TRIGGER IF EXISTS rollup_local_delta_update ON local_delta",
+    "DROP TRIGGER IF EXISTS rollup_webhook_event_insert_delete ON webhook_event",
+    "DROP TRIGGER IF EXISTS rollup_webhook_event_update ON webhook_event",
+    "DROP FUNCTION IF EXISTS pacrecon_rollup_delta()",
+    "DROP FUNCTION IF EXISTS pacrecon_rollup_event()",
 ]
 
 # the rollup computed from the rows: the migration's starting point, and the tests' reference
@@ -120,26 +121,23 @@ def backfill_sql(dialect: str) -> list[str]:
     else:
         whole, nanos = "trunc(amount)::bigint", "((amount - trunc(amount)) * 1000000000)::bigint"
     return [
-        "INSERT INTO ledger_rollup (metric, key, shard, count, whole, nanos) "
-        f"SELECT 'delta_status', status, 0, count(*), coalesce(sum({whole}), 0), coalesce(sum({nanos}), 0) FROM local_delta GROUP BY status",
-        "INSERT INTO ledger_rollup (metric, key, shard, count, whole, nanos) "
-        "SELECT 'lag_bucket', CAST(b AS TEXT), 0, count(*), 0, 0 FROM "
+        "INSERT INTO ledger_rollup (metric, key, count, whole, nanos) "
+        f"SELECT 'delta_status', status, count(*), coalesce(sum({whole}), 0), coalesce(sum({nanos}), 0) FROM local_delta GROUP BY status",
+        "INSERT INTO ledger_rollup (metric, key, count, whole, nanos) "
+        "SELECT 'lag_bucket', CAST(b AS TEXT), count(*), 0, 0 FROM "
         f"(SELECT {_BUCKET.format(lag='verification_lag_ms')} AS b FROM local_delta WHERE verification_lag_ms IS NOT NULL) AS lags GROUP BY b",
-        "INSERT INTO ledger_rollup (metric, key, shard, count, whole, nanos) "
-        "SELECT 'event_outcome', outcome, 0, count(*), 0, 0 FROM webhook_event GROUP BY outcome",
+        "INSERT INTO ledger_rollup (metric, key, count, whole, nanos) "
+        "SELECT 'event_outcome', outcome, count(*), 0, 0 FROM webhook_event GROUP BY outcome",
     ]
 
 
-# PostgreSQL: fold the shards of connections that are gone into shard 0
+# PostgreSQL: move the journal into the rollup. Concurrent folds each take the rows they
+# deleted; keys are upserted in one order, so two folds wait for each other, never deadlock.
 POSTGRES_FOLD = """
-WITH gone AS (
-  DELETE FROM ledger_rollup
-  WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
-  RETURNING metric, key, count, whole, nanos
-)
-INSERT INTO ledger_rollup (metric, key, shard, count, whole, nanos)
-SELECT metric, key, 0, sum(count), sum(whole), sum(nanos) FROM gone GROUP BY metric, key
-ON CONFLICT (metric, key, shard) DO UPDATE SET
+WITH moved AS (DELETE FROM ledger_rollup_journal RETURNING metric, key, count, whole, nanos)
+INSERT INTO ledger_rollup (metric, key, count, whole, nanos)
+SELECT metric, key, sum(count), sum(whole), sum(nanos) FROM moved GROUP BY metric, key ORDER BY metric, key
+ON CONFLICT (metric, key) DO UPDATE SET
   count = ledger_rollup.count + excluded.count,
   whole = ledger_rollup.whole + excluded.whole,
   nanos = ledger_rollup.nanos + excluded.nanos

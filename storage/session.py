@@ -326,6 +326,6 @@ class LedgerSession:
         return row
 
     def fold_rollup(self) -> None:
-        """PostgreSQL: fold the rollup rows of closed connections into shard 0."""
+        """PostgreSQL: move the rollup journal into the rollup (SQLite keeps no journal)."""
         if self._dialect != "sqlite":
             self._session.execute(text(POSTGRES_FOLD))

@@ -120,7 +120,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         (lambda s: s.get_event("evt_1"), "webhook_event_event_id_key|sqlite_autoindex_webhook_event"),
         (lambda s: s.unsettled_deltas(NOW, None, 100), "ix_local_delta_unsettled"),
         (lambda s: s.unsettled_deltas(NOW, (NOW, 5), 100), "ix_local_delta_unsettled"),
-        (lambda s: s.delta_by_sequence("cust", "7"), "ix_local_delta_customer_sequence"),
+        (lambda s: s.delta_by_sequence("cust_7", "7"), "ix_local_delta_customer_sequence"),
     ],
 )
 def test_lookup_uses_its_index(ledger: SqlLedger, build: Any, index: str) -> None:

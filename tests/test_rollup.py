@@ -106,9 +106,9 @@ def test_a_rolled_back_write_leaves_the_rollup_alone(ledger: SqlLedger) -> None:
 
 
 def test_writers_on_several_connections_and_the_fold(database_url: str) -> None:
-    """PostgreSQL keeps a shard per connection; folding closed ones keeps every sum."""
+    """Writers on several connections (PostgreSQL: journal rows), then the fold keeps every sum."""
     rng = random.Random(13)
-    for start in (0, 100, 200):  # three ledgers: three connections, three shards (on PostgreSQL)
+    for start in (0, 100, 200):  # three ledgers: three connections
         writer = SqlLedger.from_url(database_url)
         writer.transact_sync(lambda s: _churn(s, rng, start, 100))
         writer.close()
@@ -117,8 +117,10 @@ def test_writers_on_several_connections_and_the_fold(database_url: str) -> None:
         _check(ledger)
         ledger.transact_sync(lambda s: s.fold_rollup())
         _check(ledger)
-        shards = ledger.read_sync(lambda s: s._session.execute(text("SELECT count(DISTINCT shard) FROM ledger_rollup")).scalar_one())
-        assert shards == 1  # every closed connection's rows folded into shard 0 (the one shard on SQLite)
+        left = ledger.read_sync(lambda s: s._session.execute(text("SELECT count(*) FROM ledger_rollup_journal")).scalar_one())
+        assert left == 0  # everything folded in (SQLite writes the rollup directly)
+        ledger.transact_sync(lambda s: _churn(s, rng, 300, 50))  # and the journal goes on after a fold
+        _check(ledger)
     finally:
         ledger.close()
 

@@ -33,11 +33,19 @@ def upgrade() -> None:
     op.create_table('ledger_rollup',
     sa.Column('metric', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
     sa.Column('key', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-    sa.Column('shard', sa.BigInteger(), autoincrement=False, nullable=False),
     sa.Column('count', sa.BigInteger(), nullable=False),
     sa.Column('whole', sa.BigInteger(), nullable=False),
     sa.Column('nanos', sa.BigInteger(), nullable=False),
-    sa.PrimaryKeyConstraint('metric', 'key', 'shard')
+    sa.PrimaryKeyConstraint('metric', 'key')
+    )
+    op.create_table('ledger_rollup_journal',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('metric', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('key', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('count', sa.BigInteger(), nullable=False),
+    sa.Column('whole', sa.BigInteger(), nullable=False),
+    sa.Column('nanos', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('id')
     )
     bucket = sa.table('lag_bucket', sa.column('lower_ms', sa.BigInteger()))
     op.bulk_insert(bucket, [{'lower_ms': b} for b in lag_bucket_bounds()])
@@ -54,5 +62,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     for statement in (SQLITE_DROP if op.get_bind().dialect.name == 'sqlite' else POSTGRES_DROP):
         op.execute(statement)
+    op.drop_table('ledger_rollup_journal')
     op.drop_table('ledger_rollup')
     op.drop_table('lag_bucket')
