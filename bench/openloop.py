@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 MAX_CONNECTIONS = 256  # beyond this a request waits for a free connection (and its latency shows it)
+IDLE_SECONDS = 3.0  # uvicorn closes a keep-alive connection idle for 5 s: never reuse one that old
 
 
 @dataclass
@@ -48,7 +49,7 @@ def read_requests(path: str, host: str, count: int) -> list[bytes]:
 class Pool:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self.opened = 0
         self.freed = asyncio.Condition()
 
@@ -56,8 +57,12 @@ class Pool:
         async with self.freed:
             while not self.idle and self.opened >= MAX_CONNECTIONS:
                 await self.freed.wait()
-            if self.idle:
-                return self.idle.pop()
+            while self.idle:
+                reader, writer, since = self.idle.pop()
+                if time.perf_counter() - since < IDLE_SECONDS:
+                    return reader, writer
+                writer.close()  # the server may be closing it right now
+                self.opened -= 1
             self.opened += 1
         return await asyncio.open_connection(self.host, self.port)
 
@@ -66,7 +71,7 @@ class Pool:
             if connection is None:
                 self.opened -= 1
             else:
-                self.idle.append(connection)
+                self.idle.append((*connection, time.perf_counter()))
             self.freed.notify()
 
 
@@ -106,7 +111,7 @@ async def drive(host: str, port: int, requests: list[bytes], rate: float) -> Tal
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(pool, request, due, tally)))
     await asyncio.gather(*tasks)  # drain: every request sent gets its answer counted
-    for _, writer in pool.idle:
+    for _, writer, _ in pool.idle:
         writer.close()
     return tally
 
