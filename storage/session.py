@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Integer, bindparam, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from storage.models import (
     ORPHAN_PREDICATE,
@@ -28,6 +28,28 @@ from storage.report_queries import ReportQueries
 from storage.rollup_sql import POSTGRES_FOLD
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
 from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
+
+
+_EVENT_COLUMNS = tuple(c.name for c in WebhookEvent.__table__.columns if c.name != "id")
+_INSERT_EVENT: dict[str, Any] = {}
+
+
+def _insert_event_statement(dialect: str) -> Any:
+    table = WebhookEvent.__table__
+    statement = (
+        (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(table.c.id)
+    )
+    _INSERT_EVENT[dialect] = statement
+    return statement
+
+
+# built once: every webhook looks its deltas up, and a reused statement keeps its cache key
+_DELTAS_BY = {
+    column: select(LocalDelta).where(getattr(LocalDelta, column) == bindparam("value")).order_by(LocalDelta.id)
+    for column in ("anchor_id", "item_hash", "receipt_id")
+}
 
 
 class LedgerSession:
@@ -60,15 +82,19 @@ class LedgerSession:
         Safe against a concurrent insert of the same id in another transaction or
         process: the unique constraint decides, and the loser gets None.
         """
-        values = {c.name: getattr(event, c.name) for c in WebhookEvent.__table__.columns if c.name != "id"}
-        statement = (
-            self._insert(WebhookEvent)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["event_id"])
-            .returning(WebhookEvent.__table__.c.id)
-        )
-        inserted_id = self._session.execute(statement).scalar_one_or_none()
-        return None if inserted_id is None else self._session.get(WebhookEvent, inserted_id)
+        values = {name: getattr(event, name) for name in _EVENT_COLUMNS}
+        # one prebuilt Core statement with bound values: building an ORM insert per event
+        # (and its cache key) was the writer thread's largest cost under load (bench/RESULTS.md)
+        statement = _INSERT_EVENT[self._dialect] if self._dialect in _INSERT_EVENT else _insert_event_statement(self._dialect)
+        inserted_id = self._session.execute(statement, values).scalar_one_or_none()
+        if inserted_id is None:
+            return None
+        # every column but the id was just written from `event`: attach it as the stored row
+        # instead of reading the row back
+        event.id = inserted_id
+        make_transient_to_detached(event)
+        self._session.add(event)
+        return event
 
     def get_event(self, event_id: str) -> WebhookEvent | None:
         return self._session.scalars(select(WebhookEvent).where(WebhookEvent.event_id == event_id)).first()
@@ -108,22 +134,19 @@ class LedgerSession:
         return self._session.get(LocalDelta, delta_id)
 
     def deltas_by_anchor(self, anchor_id: str) -> list[LocalDelta]:
-        return self._deltas_where(LocalDelta.anchor_id == anchor_id)
+        return list(self._session.scalars(_DELTAS_BY["anchor_id"], {"value": anchor_id}))
 
     def deltas_by_item_hash(self, item_hash: str) -> list[LocalDelta]:
-        return self._deltas_where(LocalDelta.item_hash == item_hash)
+        return list(self._session.scalars(_DELTAS_BY["item_hash"], {"value": item_hash}))
 
     def deltas_by_receipt(self, receipt_id: str) -> list[LocalDelta]:
-        return self._deltas_where(LocalDelta.receipt_id == receipt_id)
+        return list(self._session.scalars(_DELTAS_BY["receipt_id"], {"value": receipt_id}))
 
     def delta_by_sequence(self, customer_id: str, sequence_number: str) -> LocalDelta | None:
         statement = select(LocalDelta).where(
             LocalDelta.customer_id == customer_id, LocalDelta.sequence_number == sequence_number
         )
         return self._session.scalars(statement.limit(1)).first()
-
-    def _deltas_where(self, condition: Any) -> list[LocalDelta]:
-        return list(self._session.scalars(select(LocalDelta).where(condition).order_by(LocalDelta.id)))
 
     def unsettled_deltas(self, emitted_before: datetime, after: tuple[datetime, int] | None, limit: int) -> list[LocalDelta]:
         """One page of QUEUED/PROCESSING deltas emitted before `emitted_before`, oldest

@@ -19,6 +19,22 @@ POSTGRES_ENV = "PACRECON_TEST_DATABASE_URL"
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log() -> Iterator[None]:
+    """At the end of the session, every captured log of every process the suite started
+    (killed ones too) is scanned for the secrets that process was configured with."""
+    from tests.daemon import STARTED
+
+    yield
+    failures = []
+    for service in STARTED:
+        try:
+            service.check_log()
+        except AssertionError as exc:
+            failures.append(str(exc))
+    assert not failures, "\n".join(failures)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A database created for this test run on the server PACRECON_TEST_DATABASE_URL

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import make_url
 
 from tests.webhooks import TEST_SECRET
 
 SANDBOX_KEY = "sk_sandbox_test"
+SECRET_SETTINGS = ("PACRECON_WEBHOOK_SECRETS", "PACRECON_API_TOKEN", "PACRECON_ADMIN_TOKEN", "PACRECON_PACSPACE_API_KEY")
+SECRET_OPTIONS = ("--api-key", "--webhook-secret")
+MIN_SECRET_LENGTH = 6  # shorter values would match ordinary text by chance
+STARTED: list[Service] = []  # every process the suite ran: their logs are scanned at the end (conftest)
 
 
 def free_port() -> int:
@@ -26,9 +31,34 @@ def free_port() -> int:
 
 
 def pacrecon(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "pacrecon", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+    assert_no_secret(result.stdout + result.stderr, configured_secrets(args, env), f"pacrecon {args[0]}")
+    return result
+
+
+def configured_secrets(args: list[str], env: dict[str, str]) -> dict[str, str]:
+    """What a command was given that must never be logged: the secret settings, the
+    database password, and the secrets passed as options; by where each came from."""
+    found: dict[str, str] = {}
+    for name in SECRET_SETTINGS:
+        for n, value in enumerate(v.strip() for v in env.get(name, "").split(",")):
+            found[f"{name}[{n}]"] = value
+    try:
+        found["PACRECON_DATABASE_URL password"] = make_url(env.get("PACRECON_DATABASE_URL", "")).password or ""
+    except Exception:
+        pass  # not a URL: nothing to find
+    for n, arg in enumerate(args[:-1]):
+        if arg in SECRET_OPTIONS:
+            found[f"{arg} #{n}"] = args[n + 1]
+    return {where: value for where, value in found.items() if len(value) >= MIN_SECRET_LENGTH}
+
+
+def assert_no_secret(text: str, secrets: dict[str, str], what: str) -> None:
+    leaked = [where for where, value in secrets.items() if value in text]
+    # name where the secret came from, never the secret itself
+    assert not leaked, f"{what} wrote a configured secret to its log: {', '.join(leaked)}"
 
 
 def clean_environment(**settings: str) -> dict[str, str]:
@@ -48,6 +78,7 @@ class Service:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> Any:
+        STARTED.append(self)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pacrecon", *self.args], env=self.env, cwd=self.workdir, stdout=log, stderr=log
@@ -74,7 +105,12 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.check_log()
         return self.process.returncode
+
+    def check_log(self) -> None:
+        """Fail if any secret this process was configured with is in its captured log."""
+        assert_no_secret(self.log_text(), configured_secrets(self.args, self.env), f"pacrecon {self.args[0]} ({self.log_path})")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -86,7 +86,9 @@ def test_an_event_type_we_do_not_act_on_is_ignored(daemon: Daemon, daemon_databa
         (lambda h: h.pop("X-PacSpace-Signature"), "missing_signature"),
         (lambda h: h.pop("X-PacSpace-Timestamp"), "missing_signature"),
         (lambda h: h.update({"X-PacSpace-Timestamp": "yesterday"}), "invalid_timestamp"),
-        (lambda h: h.update({"X-PacSpace-Timestamp": str(int(time.time()) - 310)}), "stale_timestamp"),
+        (lambda h: h.update({"X-PacSpace-Timestamp": str(int(time.time()) - 301)}), "stale_timestamp"),
+        # +310, not +301: a future stamp gets fresher as the clock ticks, and on a busy machine
+        # a second or two may pass between setting it and the daemon's check
         (lambda h: h.update({"X-PacSpace-Timestamp": str(int(time.time()) + 310)}), "stale_timestamp"),
         (lambda h: h.update({"X-PacSpace-Signature": "v1=" + "0" * 64}), "invalid_signature"),
     ],
@@ -309,40 +311,6 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(sqlite_url: str, tm
     assert daemon.stop() == 0
     assert answers and answers[0].json() == {"status": "recorded"}
     assert stored_events(sqlite_url, body["id"]) == 1
-
-
-def test_every_acknowledged_event_survives_kill_9(sqlite_url: str, tmp_path: Path) -> None:
-    daemon = Daemon(sqlite_url, tmp_path).start()
-    acknowledged: list[str] = []
-    stop = threading.Event()
-
-    def send() -> None:
-        with httpx.Client(timeout=5) as client:
-            while not stop.is_set():
-                body = envelope(data={"recordId": "a_kill"})
-                webhook = sign(body)
-                try:
-                    response = client.post(f"{daemon.url}/webhooks/pacspace", content=webhook.body, headers=webhook.headers)
-                except httpx.TransportError:
-                    return  # the daemon is gone
-                if response.status_code == 200:
-                    acknowledged.append(body["id"])
-
-    senders = [threading.Thread(target=send) for _ in range(4)]
-    for sender in senders:
-        sender.start()
-    time.sleep(1.5)
-    assert daemon.process is not None
-    daemon.process.kill()  # SIGKILL: no shutdown, no flush
-    daemon.process.wait()
-    stop.set()
-    for sender in senders:
-        sender.join()
-    assert len(acknowledged) > 20
-    connection = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
-    stored = {row[0] for row in connection.execute("SELECT event_id FROM webhook_event")}
-    connection.close()
-    assert set(acknowledged) <= stored
 
 
 def test_serve_refuses_a_schema_behind_head(tmp_path: Path) -> None:

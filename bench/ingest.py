@@ -1,0 +1,258 @@
+"""Webhook ingest benchmark (issue 9): pacrecon against a bare Starlette baseline.
+
+In one run, on loopback, with the same load generators and the same signed bodies:
+  (a) bench/bare_app.py: Starlette under pacrecon's own serve_app, reads the body, answers 200;
+  (b) `pacrecon serve` on SQLite (WAL, synchronous=FULL: every commit fsynced);
+  (c) `pacrecon serve` on PostgreSQL (synchronous_commit=on), in a database of its own
+      created on PACRECON_BENCH_DATABASE_URL's server and dropped at the end.
+Peak: wrk (closed loop, one thread, CONNECTIONS connections) for ROUNDS rounds, the targets
+interleaved within each round; medians are reported. Then a fixed-rate open-loop run
+(bench/openloop.py, its own process) at 80 % of each daemon's median peak, and of the
+SQLite rate against the bare app to show the generator keeps up.
+Every body is a unique delta.verified event. After the runs each daemon is SIGKILLed and
+its ledger counted: every 2xx must be a row ("recorded"); wrk abandons the requests in flight
+when its time is up, so rows may exceed 2xx by at most those.
+
+Run from the repository root, under the shared lock:
+  flock /tmp/bench.lock .venv/bin/python bench/ingest.py [--rounds 3] [--seconds 8] [--only sqlite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from storage.engine import make_engine  # noqa: E402
+from storage.schema import upgrade_to_head  # noqa: E402
+from tests.daemon import Daemon, free_port  # noqa: E402
+from tests.webhooks import envelope, sign  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONNECTIONS = 64
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+class BareApp:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = (workdir / "bare.log").open("wb")
+        self.process = subprocess.Popen([sys.executable, str(HERE / "bare_app.py"), str(self.port)], stdout=self.log, stderr=self.log)
+        wait_ready(self.url)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+
+def wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+def write_bodies(path: Path, first: int, count: int) -> None:
+    """`count` unique delta.verified webhooks, ids first..first+count-1, signed now."""
+    with path.open("wb") as out:
+        for i in range(first, first + count):
+            body = envelope(
+                "delta.verified",
+                {
+                    "recordId": f"a_bench_{i}",
+                    "receiptId": f"0x{i:064x}",
+                    "customerId": "cus_bench",
+                    "delta": -12.5,
+                    "sequenceNumber": str(i),
+                    "verificationReference": f"vref_{i}",
+                },
+                id=f"evt_bench_{i:09d}",
+            )
+            signed = sign(body)
+            out.write(b"%s\t%s\t%s\n" % (signed.headers["X-PacSpace-Timestamp"].encode(), signed.headers["X-PacSpace-Signature"].encode(), signed.body))
+
+
+def run_wrk(url: str, bodies: Path, seconds: float) -> dict[str, float]:
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", str(HERE / "ingest.lua"), url, "--", str(bodies), "1"],
+        capture_output=True, text=True, check=True,
+    )
+    line = next(l for l in result.stdout.splitlines() if l.startswith("WRKJSON "))
+    out = json.loads(line.removeprefix("WRKJSON "))
+    if out["exhausted"]:
+        raise RuntimeError(f"wrk ran out of bodies against {url}: make more ({out})")
+    out["rps"] = out["requests"] / (out["duration_us"] / 1e6)
+    out["unanswered"] = out["sent"] - out["ok2xx"] - out["other"]  # in flight when time was up
+    return out
+
+
+def run_openloop(port: int, bodies: Path, rate: float, seconds: float) -> dict[str, float]:
+    result = subprocess.run(
+        [sys.executable, str(HERE / "openloop.py"), "127.0.0.1", str(port), str(bodies), f"{rate:.1f}", str(seconds)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def count_rows(url: str) -> int:
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT count(*) FROM webhook_event")).scalar_one()
+    engine.dispose()
+    return int(rows)
+
+
+def create_pg_database(admin_url: str) -> tuple[str, str]:
+    name = f"pacrecon_bench_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(admin_url).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    return name, url
+
+
+def drop_pg_database(admin_url: str, name: str) -> None:
+    admin = make_engine(admin_url).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def machine() -> dict[str, object]:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--openloop-seconds", type=float, default=10.0)
+    parser.add_argument("--only", choices=["sqlite", "postgres"], action="append")
+    parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
+    args = parser.parse_args()
+    backends = args.only or ["sqlite", "postgres"]
+    report: dict[str, object] = {"machine": machine(), "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds}
+    print(json.dumps(report["machine"]), flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="pacrecon-bench-"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, True)
+        databases: dict[str, str] = {}
+        if "sqlite" in backends:
+            databases["sqlite"] = f"sqlite:///{work / 'ledger.db'}"
+            engine = make_engine(databases["sqlite"])
+            upgrade_to_head(engine)
+            engine.dispose()
+        if "postgres" in backends:
+            name, databases["postgres"] = create_pg_database(args.database_url)
+            stack.callback(drop_pg_database, args.database_url, name)
+        bare = BareApp(work)
+        stack.callback(bare.stop)
+        daemons: dict[str, Daemon] = {}
+        for backend, url in databases.items():
+            daemons[backend] = Daemon(url, work / backend if (work / backend).mkdir() is None else work).start()
+            stack.callback(daemons[backend].stop)
+        targets: dict[str, tuple[str, int]] = {"bare": (bare.url, bare.port), **{b: (d.url, d.port) for b, d in daemons.items()}}
+
+        next_id = 0
+        peaks: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+        # warm-up: imports, connection pools, the first pages of the database files
+        bodies = work / "bodies.tsv"
+        write_bodies(bodies, next_id, 30_000)
+        next_id += 30_000
+        warm = {t: run_wrk(url, bodies, 2) for t, (url, _) in targets.items()}
+        print(json.dumps({"warmup": {t: round(w["rps"]) for t, w in warm.items()}}), flush=True)
+        size = int(max(w["rps"] for w in warm.values()) * args.seconds * 1.6) + 5_000
+        for round_ in range(args.rounds):
+            write_bodies(bodies, next_id, size)  # the same bodies for every target of this round
+            next_id += size
+            for target, (url, _) in targets.items():
+                result = run_wrk(url, bodies, args.seconds)
+                result["loadavg"] = os.getloadavg()[0]
+                peaks[target].append(result)
+                print(json.dumps({"round": round_, "target": target, **{k: result[k] for k in ("rps", "p50_us", "p99_us", "ok2xx", "other", "unanswered")}}), flush=True)
+
+        summary: dict[str, dict[str, float]] = {}
+        for target, runs in peaks.items():
+            summary[target] = {
+                "rps_median": statistics.median(r["rps"] for r in runs),
+                "p50_ms_median": statistics.median(r["p50_us"] for r in runs) / 1000,
+                "p99_ms_median": statistics.median(r["p99_us"] for r in runs) / 1000,
+                "non_2xx": sum(r["other"] for r in runs),
+            }
+        for backend in daemons:
+            ratios = [b["rps"] / a["rps"] for a, b in zip(peaks["bare"], peaks[backend])]
+            summary[backend]["ratio_per_round"] = [round(r, 3) for r in ratios]
+            summary[backend]["ratio_median"] = statistics.median(ratios)
+
+        # open loop at 80 % of each daemon's median peak; the bare app at the SQLite rate checks the generator
+        openloop: dict[str, dict[str, float]] = {}
+        plan = [(b, 0.8 * summary[b]["rps_median"]) for b in daemons]
+        plan.insert(1 if "sqlite" in daemons else 0, ("bare", plan[0][1]))
+        for target, rate in plan:
+            count = int(rate * args.openloop_seconds) + 1
+            write_bodies(bodies, next_id, count)
+            next_id += count
+            result = run_openloop(targets[target][1], bodies, rate, args.openloop_seconds)
+            result["loadavg"] = os.getloadavg()[0]
+            openloop[target] = result
+            print(json.dumps({"openloop": target, **result}), flush=True)
+
+        # durability: SIGKILL each daemon, then count its ledger against the 2xx answers it gave
+        durability: dict[str, dict[str, int]] = {}
+        for backend, daemon in daemons.items():
+            assert daemon.process is not None
+            daemon.process.kill()
+            daemon.process.wait()
+            runs = peaks[backend]
+            acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs) + openloop[backend]["ok2xx"]
+            recorded = warm[backend]["recorded"] + sum(r["recorded"] for r in runs) + openloop[backend]["recorded"]
+            unanswered = warm[backend]["unanswered"] + sum(r["unanswered"] for r in runs)
+            rows = count_rows(databases[backend])
+            durability[backend] = {"acknowledged_2xx": acknowledged, "recorded_answers": recorded, "rows": rows, "unanswered_at_wrk_cutoff": unanswered}
+            ok = recorded == acknowledged and acknowledged <= rows <= acknowledged + unanswered
+            durability[backend]["ok"] = ok
+            print(json.dumps({"durability": backend, **durability[backend]}), flush=True)
+
+        report.update({"peak": summary, "openloop": openloop, "durability": durability, "loadavg_end": os.getloadavg()})
+        print("RESULT " + json.dumps(report, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Where `pacrecon serve` spends its time under the ingest benchmark's load.
+
+Starts a daemon (SQLite by default, or the URL given), drives it with the same wrk
+script and bodies as bench/ingest.py, and samples it with py-spy (`pip install py-spy`)
+counting only the thread that holds the GIL: with one GIL, that is the CPU the process
+can use, so the shares below add up to where each request's time goes.
+
+  flock /tmp/bench.lock .venv/bin/python bench/profile_ingest.py [DATABASE_URL]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ingest import create_pg_database, drop_pg_database, run_wrk, write_bodies  # noqa: E402
+from storage.engine import make_engine  # noqa: E402
+from storage.schema import upgrade_to_head  # noqa: E402
+from tests.daemon import Daemon  # noqa: E402
+
+SECONDS = 10
+# (label, a frame that marks it), first match wins, most specific first
+CATEGORIES = [
+    ("writer: SAVEPOINT / RELEASE per job", ("begin_nested (sqlalchemy", "_release_savepoint_impl", "NestedTransaction")),
+    ("writer: INSERT webhook_event", ("insert_event (storage/session.py",)),
+    ("writer: SELECT local_delta by anchor", ("deltas_by_anchor",)),
+    ("writer: COMMIT (fsync)", ("do_commit",)),
+    ("writer: other (session, batch)", ("_commit_batch",)),
+    ("request: logging (structlog + uvicorn access line)", ("Logger.info", "Logger._log", "callHandlers", "BoundLoggerLazyProxy")),
+    ("request: HMAC signature check", ("verify_signature",)),
+    ("request: JSON parse of the event", ("parse_event",)),
+    ("request: waiting on the writer (future handoff)", ("transact (storage/sql_ledger.py", "wrap_future", "_call_set_state", "_copy_future_state")),
+    ("request: reading the body", ("read_limited_body",)),
+    ("request: Starlette routing / middleware / response", ("starlette/",)),
+    ("request: uvicorn HTTP protocol (httptools)", ("uvicorn/protocols",)),
+    ("event loop / other", ("",)),
+]
+
+
+def main() -> None:
+    url = sys.argv[1] if len(sys.argv) > 1 else None
+    work = Path(tempfile.mkdtemp(prefix="pacrecon-profile-"))
+    pg_name = None
+    try:
+        if url is None:
+            url = f"sqlite:///{work / 'ledger.db'}"
+            engine = make_engine(url)
+            upgrade_to_head(engine)
+            engine.dispose()
+        elif url.startswith("postgres"):
+            admin, (pg_name, url) = url, create_pg_database(url)
+        daemon = Daemon(url, work).start()
+        bodies = work / "bodies.tsv"
+        write_bodies(bodies, 0, 40_000)
+        assert daemon.process is not None
+        raw = work / "profile.txt"
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "250", "-d", str(SECONDS), "-f", "raw", "-o", str(raw), "-p", str(daemon.process.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        result = run_wrk(daemon.url, bodies, SECONDS - 1)
+        spy.wait()
+        daemon.stop()
+        totals: collections.Counter[str] = collections.Counter()
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            label = next(label for label, marks in CATEGORIES if any(mark in stack for mark in marks))
+            totals[label] += int(count)
+        samples = sum(totals.values())
+        print(json.dumps({"rps": round(result["rps"]), "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "gil_samples": samples}))
+        for label, _ in CATEGORIES:
+            print(f"{100 * totals[label] / samples:5.1f} %  {label}")
+        shutil.copy(raw, Path(tempfile.gettempdir()) / "pacrecon-ingest-profile.txt")
+    finally:
+        if pg_name is not None:
+            drop_pg_database(admin, pg_name)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
