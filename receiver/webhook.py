@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 
 import structlog
 from starlette.requests import Request
@@ -16,7 +15,7 @@ from starlette.routing import Route
 from receiver.body import read_limited_body
 from receiver.errors import RequestError
 from receiver.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_signature
-from reconciler.apply import record_event
+from reconciler.apply import RecordEvent
 from reconciler.errors import InvalidEvent
 from reconciler.events import parse_event
 from storage.errors import StorageUnavailable
@@ -76,13 +75,7 @@ class WebhookReceiver:
             log.warning("webhook_rejected", reason="invalid_payload", client=_client(request))
             raise
         recorded = await self.ledger.transact(
-            partial(
-                record_event,
-                event=event,
-                raw_body=raw_body,
-                signature_timestamp=signature_timestamp,
-                now=datetime.fromtimestamp(self.clock(), UTC),
-            )
+            RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(self.clock(), UTC))
         )
         answer = "duplicate" if recorded.duplicate else "ignored" if recorded.outcome is EventOutcome.IGNORED else "recorded"
         outcome = recorded.outcome.value if recorded.outcome and not recorded.duplicate else "duplicate"

@@ -45,6 +45,23 @@ def _insert_event_statement(dialect: str) -> Any:
     return statement
 
 
+def _insert_events_statement(dialect: str) -> Any:
+    # executed with a list of rows: SQLAlchemy sends them as multi-row INSERTs ("insertmanyvalues")
+    table = WebhookEvent.__table__
+    statement = (
+        (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(table.c.event_id)
+    )
+    _INSERT_EVENTS[dialect] = statement
+    return statement
+
+
+_INSERT_EVENTS: dict[str, Any] = {}
+_ANCHORS_WITH_DELTAS = (
+    select(LocalDelta.anchor_id).where(LocalDelta.anchor_id.in_(bindparam("anchors", expanding=True))).distinct()  # type: ignore[union-attr]
+)
+
 # built once: every webhook looks its deltas up, and a reused statement keeps its cache key
 _DELTAS_BY = {
     column: select(LocalDelta).where(getattr(LocalDelta, column) == bindparam("value")).order_by(LocalDelta.id)
@@ -95,6 +112,26 @@ class LedgerSession:
         make_transient_to_detached(event)
         self._session.add(event)
         return event
+
+    def insert_events(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert many events at once (each a dict of every `webhook_event` column but `id`),
+        skipping any whose event id is known; returns the event ids that were inserted.
+
+        Same guarantee as `insert_event`: the unique constraint decides. Two rows with one
+        event id in `rows` insert one of them, and its id is returned once.
+        """
+        if not rows:
+            return set()
+        statement = _INSERT_EVENTS[self._dialect] if self._dialect in _INSERT_EVENTS else _insert_events_statement(self._dialect)
+        # Core on the session's connection: no ORM objects, no identity map
+        result = self._session.connection().execute(statement, rows)
+        return set(result.scalars())
+
+    def anchors_with_deltas(self, anchor_ids: set[str]) -> set[str]:
+        """Which of `anchor_ids` at least one local delta has (one query for all of them)."""
+        if not anchor_ids:
+            return set()
+        return set(self._session.scalars(_ANCHORS_WITH_DELTAS, {"anchors": list(anchor_ids)}))  # type: ignore[arg-type]
 
     def get_event(self, event_id: str) -> WebhookEvent | None:
         return self._session.scalars(select(WebhookEvent).where(WebhookEvent.event_id == event_id)).first()

@@ -1,0 +1,153 @@
+"""Webhook events recorded many to a batch by the ledger's writer (`RecordEvent.run_batch`)
+give what recording them one at a time gives: the same answers, the same ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from reconciler.apply import RecordEvent
+from reconciler.events import parse_event
+from storage.session import LedgerSession
+from storage.sql_ledger import SqlLedger
+from tests.conftest import empty_postgres, migrated_sqlite_url
+from tests.test_apply import LATER, NOW, H, local, register, verified
+from tests.webhooks import envelope
+
+
+def work(body: dict[str, Any], now: datetime = LATER) -> RecordEvent:
+    raw = json.dumps(body).encode()
+    return RecordEvent(parse_event(raw), raw, int(now.timestamp()), now)
+
+
+def scenario() -> tuple[list[int], list[dict[str, Any]]]:
+    """Deltas 1-4 known; events of every kind, repeats inside the batch and across it."""
+    orphan, matched = verified(7), verified(1)
+    bodies = [
+        matched,
+        orphan,
+        envelope("delta.created", {"recordId": "a_9"}),  # not ours to act on: ignored
+        verified(2, receiptId=H("forged")),  # a discrepancy
+        dict(orphan),  # a repeat of an orphan in the same batch
+        envelope("delta.verified", {"proof": {"proofHash": H("item3"), "contentHash": H("item3")}}),  # no anchor
+        dict(matched),  # a repeat of a matched event in the same batch
+        envelope("delta.failed", {"recordId": "a_4", "error": "anchoring failed"}),
+        verified(8),
+        {**verified(9), "id": matched["id"]},  # another body under a known id: still a repeat
+    ]
+    return [1, 2, 3, 4], bodies
+
+
+def in_one_batch(ledger: SqlLedger, works: list[Callable[[LedgerSession], Any]]) -> list[Any]:
+    """Submit `works` while the writer is held, so that it takes them as one batch."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_: LedgerSession) -> None:
+        started.set()
+        release.wait(10)
+
+    async def run() -> list[Any]:
+        held = asyncio.create_task(ledger.transact(hold))
+        await asyncio.to_thread(started.wait, 10)
+        tasks = [asyncio.create_task(ledger.transact(w)) for w in works]
+        await asyncio.sleep(0)  # each task has submitted its work, in order
+        release.set()
+        await held
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    return asyncio.run(run())
+
+
+# the rollup as the report sees it (PostgreSQL: with the journal not folded in yet)
+ROLLUP = """SELECT metric, key, sum(count) FROM (SELECT metric, key, count FROM ledger_rollup
+UNION ALL SELECT metric, key, count FROM ledger_rollup_journal) AS r GROUP BY metric, key HAVING sum(count) <> 0"""
+
+
+def snapshot(ledger: SqlLedger) -> dict[str, Any]:
+    def read(session: LedgerSession) -> dict[str, Any]:
+        run = session._session.execute
+        return {
+            "events": run(text("SELECT event_id, outcome, applied_at IS NOT NULL FROM webhook_event ORDER BY event_id")).all(),
+            "deltas": run(text("SELECT anchor_id, status, receipt_id, failed_at IS NOT NULL FROM local_delta ORDER BY id")).all(),
+            "open": run(text("SELECT kind, subject, occurrences, event_id FROM discrepancy ORDER BY kind, subject")).all(),
+            "rollup": sorted(run(text(ROLLUP)).all()),
+        }
+
+    return ledger.read_sync(read)
+
+
+@pytest.fixture
+def fresh(database_url: str, tmp_path: Path) -> Callable[[], SqlLedger]:
+    """A new empty ledger on the same backend at each call."""
+    opened: list[SqlLedger] = []
+    count = iter(range(100))
+
+    def make() -> SqlLedger:
+        if database_url.startswith("sqlite"):
+            url = migrated_sqlite_url(tmp_path / f"ledger{next(count)}.db")
+        else:
+            for ledger in opened:
+                ledger.close()
+            empty_postgres(database_url)
+            url = database_url
+        ledger = SqlLedger.from_url(url)
+        opened.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in opened:
+        ledger.close()
+
+
+def test_a_batch_answers_and_records_as_one_at_a_time(fresh: Callable[[], SqlLedger], monkeypatch: pytest.MonkeyPatch) -> None:
+    known, bodies = scenario()
+    one_by_one = fresh()
+    register(one_by_one, *(local(n) for n in known))
+    alone = [one_by_one.transact_sync(work(body)) for body in bodies]
+    expected = snapshot(one_by_one)
+
+    batches: list[int] = []
+    original = RecordEvent.run_batch.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(RecordEvent, "run_batch", classmethod(lambda cls, s, works, isolated: batches.append(len(works)) or original(cls, s, works, isolated)))
+    batched = fresh()
+    register(batched, *(local(n) for n in known))
+    together = in_one_batch(batched, [work(body) for body in bodies])
+
+    assert batches == [len(bodies)]  # one batch indeed
+    assert together == alone
+    assert [(r.duplicate, r.outcome and r.outcome.value) for r in together] == [
+        (False, "applied"), (False, "orphan"), (False, "ignored"), (False, "discrepancy"), (True, None),
+        (False, "applied"), (True, None), (False, "applied"), (False, "orphan"), (True, None),
+    ]
+    assert snapshot(batched) == expected
+
+
+def test_a_bad_event_in_a_batch_fails_alone(fresh: Callable[[], SqlLedger]) -> None:
+    ledger = fresh()
+    good = [work(verified(n)) for n in range(10, 15)]
+    bad = work(verified(99), now=datetime(2026, 11, 27, 12, 0))  # naive: the ledger refuses it
+    results = in_one_batch(ledger, [*good[:2], bad, *good[2:]])
+    assert isinstance(results[2], ValueError)
+    assert [r.outcome.value for i, r in enumerate(results) if i != 2] == ["orphan"] * 5
+    assert ledger.read_sync(lambda s: s.count_events()) == 5
+
+
+def test_events_for_deltas_registered_in_the_same_batch_wait_for_them(fresh: Callable[[], SqlLedger]) -> None:
+    """Order is kept across kinds of work: a delta registered before an event in the
+    batch is matched by it, as it would be one at a time."""
+    from reconciler.apply import register_deltas
+
+    ledger = fresh()
+    body = verified(5)
+    results = in_one_batch(ledger, [work(verified(6)), lambda s: [d.id for d in register_deltas(s, [local(5)], NOW)], work(body)])
+    assert [results[0].outcome.value, results[2].outcome.value] == ["orphan", "applied"]
+    stored = ledger.read_sync(lambda s: s.get_event(body["id"]))
+    assert stored is not None and stored.outcome == "applied"
