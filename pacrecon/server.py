@@ -84,6 +84,9 @@ def serve_app(app: Starlette, host: str, port: int) -> None:
         host=host,
         port=port,
         log_config=None,  # ours: structlog, JSON or console
+        # no access line per request: the routes log what happened (the webhook line says
+        # which event and its outcome), and a second line per request cost as much as the first
+        access_log=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         lifespan="on",
