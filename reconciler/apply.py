@@ -22,6 +22,7 @@ from storage.vocabulary import DeltaStatus, DetectedBy, DiscrepancyKind, EventOu
 
 # gaps that exist only while a delta is unsettled
 CLEARED_BY_SETTLING = (DiscrepancyKind.STUCK, DiscrepancyKind.NOT_FOUND_UPSTREAM, DiscrepancyKind.UNVERIFIABLE)
+CLEARED_KINDS = tuple(kind.value for kind in CLEARED_BY_SETTLING)
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ class RecordEvent:
         seen: set[str] = set()
         for index, work in enumerate(works):
             claim = work.event.claim
-            alone = claim is None or (claim.anchor_id is not None and claim.anchor_id not in known)
-            if alone and work.event.event_id not in seen:
+            simple = claim is None or (claim.anchor_id is not None and claim.anchor_id not in known)
+            if simple and work.event.event_id not in seen:
                 fast.append(index)
             seen.add(work.event.event_id)
         inserted = session.insert_events(
@@ -119,7 +120,10 @@ class RecordEvent:
                 outcomes[index] = (None, Recorded(duplicate=False, outcome=EventOutcome.IGNORED, anchor_id=None))
             else:
                 outcomes[index] = (None, Recorded(duplicate=False, outcome=EventOutcome.ORPHAN, anchor_id=event.claim.anchor_id))
-        return [outcome if outcome is not None else isolated(works[index]) for index, outcome in enumerate(outcomes)]
+        rest = [index for index, outcome in enumerate(outcomes) if outcome is None]
+        for index, outcome in zip(rest, isolated([works[index] for index in rest]), strict=True):
+            outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]  # every one is set now
 
 
 def register_deltas(session: LedgerSession, deltas: Iterable[LocalDelta], now: datetime) -> list[LocalDelta]:
@@ -218,8 +222,8 @@ def apply_claim(
         settled_before = DeltaStatus(delta.status).is_terminal
         _follow(delta, claim, now, by)
         if not settled_before and DeltaStatus(delta.status).is_terminal:
-            for kind in CLEARED_BY_SETTLING:  # the condition is gone: PacSpace has decided
-                session.resolve_open(kind.value, f"delta:{delta.id}", f"cleared: the delta is {delta.status}", now)
+            # the condition is gone: PacSpace has decided
+            session.resolve_open(CLEARED_KINDS, f"delta:{delta.id}", f"cleared: the delta is {delta.status}", now)
     return findings
 
 

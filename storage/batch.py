@@ -16,9 +16,12 @@ from storage.session import LedgerSession
 
 # (the job's error, or None; its result)
 Outcome = tuple[BaseException | None, Any]
-# runs one job's work in a savepoint of its own: what `run_batch` uses for the jobs it
-# cannot batch; raises only when the transaction itself is gone
-Isolated = Callable[[Callable[[LedgerSession], Any]], Outcome]
+# runs works one after another as if each had a savepoint of its own (one failing undoes
+# only itself): what `run_batch` uses for the jobs it cannot batch. They share one
+# savepoint until one fails; then that is rolled back and each runs again in its own,
+# so a work must do nothing but write to the ledger. Raises only when the transaction
+# itself is gone.
+Isolated = Callable[[Sequence[Callable[[LedgerSession], Any]]], list[Outcome]]
 
 
 @runtime_checkable

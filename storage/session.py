@@ -69,6 +69,17 @@ _DELTAS_BY = {
 }
 
 
+def _open_discrepancies(about_subject: bool) -> Any:
+    statement = select(Discrepancy).where(Discrepancy.status == DiscrepancyStatus.OPEN.value)
+    if about_subject:
+        statement = statement.where(Discrepancy.subject == bindparam("subject"))
+    return statement.order_by(Discrepancy.id).execution_options(populate_existing=True)
+
+
+# built once: every verified webhook resolves what its delta's settling clears
+_OPEN_ALL, _OPEN_ABOUT = _open_discrepancies(False), _open_discrepancies(True)
+
+
 class LedgerSession:
     """Repository over one open transaction. It never commits: the ledger does.
 
@@ -295,12 +306,10 @@ class LedgerSession:
         return int(self._session.execute(statement).scalar_one())
 
     def open_discrepancies(self, subject: str | None = None) -> list[Discrepancy]:
-        statement = select(Discrepancy).where(Discrepancy.status == DiscrepancyStatus.OPEN.value)
-        if subject is not None:
-            statement = statement.where(Discrepancy.subject == subject)
-        # the upsert in open_discrepancy bypasses the identity map: never hand out a stale row
-        statement = statement.order_by(Discrepancy.id).execution_options(populate_existing=True)
-        return list(self._session.scalars(statement))
+        statement = _OPEN_ABOUT if subject is not None else _OPEN_ALL
+        # the upsert in open_discrepancy bypasses the identity map: the statements
+        # populate existing rows, so no stale row is handed out
+        return list(self._session.scalars(statement, {"subject": subject} if subject is not None else None))
 
     def record_fixed(self, finding: Discrepancy, note: str, now: datetime) -> int:
         """Record a gap that was found and fixed in the same breath (e.g. a missing webhook
@@ -312,11 +321,13 @@ class LedgerSession:
         self._session.flush()
         return int(finding.id or 0)
 
-    def resolve_open(self, kind: str, subject: str, note: str, now: datetime) -> list[int]:
-        """Resolve the open discrepancy of `kind` about `subject`, if there is one."""
+    def resolve_open(self, kind: str | tuple[str, ...], subject: str, note: str, now: datetime) -> list[int]:
+        """Resolve the open discrepancy of `kind` (or of each kind in a tuple) about
+        `subject`, if there is one: one query, however many kinds."""
+        kinds = (kind,) if isinstance(kind, str) else kind
         resolved = []
         for row in self.open_discrepancies(subject):
-            if row.kind == kind:
+            if row.kind in kinds:
                 row.status, row.resolved_at, row.resolution_note = DiscrepancyStatus.RESOLVED.value, now, note[:2000]
                 resolved.append(int(row.id or 0))
         return resolved

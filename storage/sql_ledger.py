@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -131,10 +132,10 @@ def _batchable(work: object) -> bool:
 
 
 def _run_group(session: Session, ledger_session: LedgerSession, run: list[Job]) -> list[Outcome]:
-    isolated = partial(_run_in_savepoint, session, ledger_session)
     work = run[0].work
     if not _batchable(work):
-        return [isolated(work)]
+        return [_run_in_savepoint(session, ledger_session, work)]
+    isolated = partial(_run_isolated, session, ledger_session)
     try:
         with session.begin_nested():  # a failed batch leaves nothing behind
             return type(work).run_batch(ledger_session, [job.work for job in run], isolated)  # type: ignore[attr-defined, no-any-return]
@@ -145,7 +146,22 @@ def _run_group(session: Session, ledger_session: LedgerSession, run: list[Job]) 
     except Exception as exc:
         log.warning("batch_refused", jobs=len(run), error=repr(exc)[:300])
     # the batch as a whole was refused: each job alone, so that a bad one fails only itself
-    return [isolated(job.work) for job in run]
+    return [_run_in_savepoint(session, ledger_session, job.work) for job in run]
+
+
+def _run_isolated(session: Session, ledger_session: LedgerSession, works: Sequence[Work[Any]]) -> list[Outcome]:
+    """See `storage.batch.Isolated`: one savepoint for all while none fails (a SAVEPOINT
+    and a RELEASE per job were a fifth of the writer's time), else one each."""
+    if len(works) > 1:
+        try:
+            with session.begin_nested():
+                return [(None, work(ledger_session)) for work in works]
+        except DBAPIError as exc:
+            if exc.connection_invalidated or not session.in_transaction():
+                raise
+        except Exception:
+            pass  # one of them failed: find which, without the others' writes at stake
+    return [_run_in_savepoint(session, ledger_session, work) for work in works]
 
 
 def _run_in_savepoint(session: Session, ledger_session: LedgerSession, work: Work[Any]) -> Outcome:
