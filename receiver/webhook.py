@@ -23,6 +23,7 @@ from storage.ledger import Ledger
 from storage.vocabulary import EventOutcome
 
 log = structlog.get_logger("pacrecon.webhook")
+_ANSWERS = {answer: JSONResponse({"status": answer}).body for answer in ("recorded", "duplicate", "ignored")}
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class WebhookReceiver:
             outcome=outcome,
             discrepancies=sorted({f.kind.value for f in recorded.findings}) or None,
         )
-        return JSONResponse({"status": answer}), outcome
+        # the same bytes JSONResponse would render, encoded once
+        return Response(_ANSWERS[answer], media_type="application/json"), outcome
 
 
 def _client(request: Request) -> str | None:

@@ -7,21 +7,73 @@ after the commit that holds its work has returned, never before.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from typing import Any
 
 from storage.errors import StorageUnavailable
 
 
-@dataclass
 class Job:
-    work: Callable[..., Any]
-    future: Future[Any] = field(default_factory=Future)
+    """One caller's work, and how to tell the caller: a `Future` (synchronous callers), or
+    an asyncio future resolved on its own event loop (`resolve_all`)."""
+
+    __slots__ = ("work", "future", "loop", "waiter")
+
+    def __init__(
+        self,
+        work: Callable[..., Any],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        waiter: asyncio.Future[Any] | None = None,
+    ) -> None:
+        self.work, self.loop, self.waiter = work, loop, waiter
+        # a concurrent Future (with its Condition and lock) only for a caller that blocks on it
+        self.future: Future[Any] | None = Future() if waiter is None else None
+
+    def start(self) -> bool:
+        """False when the caller cancelled before the work began: then it is skipped."""
+        return self.future.set_running_or_notify_cancel() if self.future is not None else True
+
+
+def resolve_all(outcomes: Iterable[tuple[Job, BaseException | None, Any]]) -> None:
+    """Tell each caller its outcome (call only after the commit returned). Callers on an
+    event loop are told in one wake-up of that loop per batch, not one per job."""
+    on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], BaseException | None, Any]]] = {}
+    for job, error, result in outcomes:
+        if job.loop is not None and job.waiter is not None:
+            on_loops.setdefault(job.loop, []).append((job.waiter, error, result))
+        elif job.future is not None:
+            _settle(job.future, error, result)
+    for loop, items in on_loops.items():
+        try:
+            loop.call_soon_threadsafe(_settle_waiters, items)
+        except RuntimeError:
+            pass  # the loop is closed: no one waits any more
+
+
+def _settle_waiters(items: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    for waiter, error, result in items:
+        if not waiter.done():  # cancelled, or timed out meanwhile
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(result)
+
+
+def _settle(future: Future[Any], error: BaseException | None, result: Any) -> None:
+    """Resolve `future` unless it is already resolved or was cancelled meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class GroupCommitWriter:
@@ -37,11 +89,19 @@ class GroupCommitWriter:
 
     def submit(self, work: Callable[..., Any]) -> Future[Any]:
         job = Job(work)
+        self._put(job)
+        assert job.future is not None
+        return job.future
+
+    def submit_waiter(self, work: Callable[..., Any], loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any]) -> None:
+        """Submit `work`; `waiter` (of `loop`) gets its outcome after the commit."""
+        self._put(Job(work, loop=loop, waiter=waiter))
+
+    def _put(self, job: Job) -> None:
         with self._lock:  # no job may slip in behind the stop marker
             if self._closed:
                 raise StorageUnavailable("the ledger is closed")
             self._jobs.put(job)
-        return job.future
 
     def busy_for(self) -> float:
         """Seconds the batch being committed has taken so far (0 when idle)."""
@@ -77,11 +137,7 @@ class GroupCommitWriter:
                 self._commit_batch(batch)
             except BaseException as exc:  # the thread must outlive any one batch
                 failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(f"writer failed: {exc!r}")
-                for job in batch:
-                    try:
-                        job.future.set_exception(failure)
-                    except InvalidStateError:
-                        pass  # resolved or cancelled already
+                resolve_all((job, failure, None) for job in batch)  # a resolved one stays as it was
             finally:
                 self._batch_started = None
             if stop:
