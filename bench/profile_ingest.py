@@ -30,17 +30,22 @@ from tests.daemon import Daemon  # noqa: E402
 SECONDS = 10
 # (label, a frame that marks it), first match wins, most specific first
 CATEGORIES = [
-    ("writer: SAVEPOINT / RELEASE per job", ("begin_nested (sqlalchemy", "_release_savepoint_impl", "NestedTransaction")),
-    ("writer: INSERT webhook_event", ("insert_event (storage/session.py",)),
-    ("writer: SELECT local_delta by anchor", ("deltas_by_anchor",)),
+    ("writer: SAVEPOINT / RELEASE", ("begin_nested (sqlalchemy", "_release_savepoint_impl", "NestedTransaction")),
+    ("writer: INSERT webhook_event (one per event, the slow path)", ("insert_event (storage/session.py",)),
+    ("writer: multi-row INSERT webhook_event (per batch)", ("insert_events (storage/session.py",)),
+    ("writer: SELECT local_delta by anchor (per event, the slow path)", ("deltas_by_anchor",)),
+    ("writer: SELECT anchors with deltas (per batch)", ("anchors_with_deltas",)),
     ("writer: COMMIT (fsync)", ("do_commit",)),
     ("writer: other (session, batch)", ("_commit_batch",)),
-    ("request: logging (structlog + uvicorn access line)", ("Logger.info", "Logger._log", "callHandlers", "BoundLoggerLazyProxy")),
+    ("request: logging (structlog, the webhook line)", ("structlog/", "pacrecon/logs.py", "Logger.info", "Logger._log", "callHandlers")),
     ("request: HMAC signature check", ("verify_signature",)),
     ("request: JSON parse of the event", ("parse_event",)),
-    ("request: waiting on the writer (future handoff)", ("transact (storage/sql_ledger.py", "wrap_future", "_call_set_state", "_copy_future_state")),
+    ("request: metrics and tallies", ("observe_webhook", "pacrecon/metrics.py")),
+    ("request: waiting on the writer (handoff)", ("transact (storage/sql_ledger.py", "_settle_waiters", "wrap_future", "_call_set_state", "_copy_future_state")),
     ("request: reading the body", ("read_limited_body",)),
-    ("request: Starlette routing / middleware / response", ("starlette/",)),
+    ("request: the rest of the webhook handler", ("receiver/webhook.py",)),
+    ("request: sending the response (uvicorn write)", ("Response.__call__",)),
+    ("request: Starlette routing / middleware", ("starlette/",)),
     ("request: uvicorn HTTP protocol (httptools)", ("uvicorn/protocols",)),
     ("event loop / other", ("",)),
 ]
