@@ -22,6 +22,7 @@ from receiver.body import read_limited_body
 from receiver.deltas import exact_json
 from receiver.errors import RequestError
 from receiver.report_html import CONTENT_SECURITY_POLICY, render_report_html
+from receiver.routing import route
 from reconciler.report import ReportPage, build_report, discrepancies_csv, discrepancy_view, run_view
 from storage import jsonio
 from storage.ledger import Ledger
@@ -144,8 +145,7 @@ class AdminApi:
     def routes(self) -> list[Route]:
         return [
             Route("/admin/reconciliation/report", self.report, methods=["GET"]),
-            Route("/admin/reconciliation/runs", self.start_run, methods=["POST"]),
-            Route("/admin/reconciliation/runs", self.list_runs, methods=["GET"]),
+            route("/admin/reconciliation/runs", {"POST": self.start_run, "GET": self.list_runs}),
             Route("/admin/reconciliation/runs/{run_id}", self.get_run, methods=["GET"]),
             Route("/admin/discrepancies", self.list_discrepancies, methods=["GET"]),
             Route("/admin/discrepancies/{discrepancy_id}/resolve", self.resolve, methods=["POST"]),
@@ -170,7 +170,7 @@ def _format(request: Request) -> str:
 
 def _int(query: Any, name: str, default: int | None, low: int, high: int | None) -> Any:
     raw = query.get(name)
-    if raw in (None, ""):
+    if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise RequestError(400, "invalid_parameter", f"{name} must be a whole number, not {raw[:40]!r}")
