@@ -38,8 +38,9 @@ def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 OBJECT = {"type": "object"}
-ID_PATTERN = {"type": "string", "pattern": "^[0-9]{1,18}$"}
-ROW_ID = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
+ID_PATTERN = {"type": "string", "pattern": "^[0-9]{1,10}$"}
+ROW_ID = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+FREE_TEXT = {"type": "string", "maxLength": 300, "pattern": "^[^\\x00]*$"}
 CUSTOMER_ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}
 TEXT = "^[^\\x00]*$"  # no NUL: PostgreSQL cannot store it
 TIME = {"type": "string", "description": "ISO 8601 date or time; UTC when no offset is given"}
@@ -130,14 +131,15 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "The reconciliation report: JSON (default), CSV of the discrepancy rows, or HTML for a browser",
         "security": ADMIN,
         "parameters": [
-            _query("format", {"enum": ["json", "csv", "html"]}, "default: html when Accept has text/html, else json"),
-            _query("customer_id", {"type": "string"}, "one customer"),
+            _query("format", {"enum": ["json", "csv", "html"]},
+                   "default: html when Accept has text/html, else json; csv: every open discrepancy row the filters select"),
+            _query("customer_id", FREE_TEXT, "one customer"),
             _query("since", TIME, "deltas created (discrepancies first seen, webhooks received) from"),
             _query("until", TIME, "… before"),
             _query("discrepancy_limit", PAGE, "open discrepancy rows per page (100)"),
             _query("discrepancy_cursor", ROW_ID, "next_cursor of the rows"),
             _query("customer_limit", PAGE, "customers per page (100)"),
-            _query("customer_cursor", {"type": "string"}, "next_cursor of the customers"),
+            _query("customer_cursor", FREE_TEXT, "next_cursor of the customers"),
         ],
         "responses": {
             "200": {"description": "the report", "content": {
@@ -172,7 +174,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "parameters": [
             _query("kind", {"enum": [k.value for k in DiscrepancyKind]}, "one kind"),
             _query("status", {"enum": ["open", "resolved", "all"]}, "default open"),
-            _query("customer_id", {"type": "string"}, "one customer"),
+            _query("customer_id", FREE_TEXT, "one customer"),
             _query("limit", PAGE, "page size (100)"),
             _query("cursor", ROW_ID, "next_cursor"),
         ],
