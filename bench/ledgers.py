@@ -199,6 +199,7 @@ def _seed_postgres(engine: Engine, values: Iterator[tuple[Any, ...]]) -> None:
         raw = connection.connection.dbapi_connection
         assert raw is not None
         with raw.cursor() as cursor:
+            cursor.execute("SET statement_timeout = 0")  # the ledger's engine caps statements at 30 s; a 1M-row COPY is longer
             cursor.execute(
                 "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'local_delta' AND indexname NOT IN "
                 "(SELECT conname FROM pg_constraint WHERE conrelid = 'local_delta'::regclass)"
@@ -215,6 +216,7 @@ def _seed_postgres(engine: Engine, values: Iterator[tuple[Any, ...]]) -> None:
         raw.commit()
     # autovacuum would analyze a table this size soon after loading; do it now, once
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("SET statement_timeout = 0"))
         connection.execute(text("VACUUM ANALYZE local_delta"))
 
 
