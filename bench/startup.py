@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def main() -> None:
             print(f"run {number + 1}: {json.dumps({k: round(v, 3) for k, v in runs[-1].items()})}", file=sys.stderr)
     finally:
         sandbox.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     figures = {name: median([r[name] for r in runs]) for name in runs[0]}
     figures["ready_seconds_max"] = max(r["ready_seconds"] for r in runs)
     figures["idle_rss_mb_max"] = max(r["idle_rss_mb"] for r in runs)
