@@ -159,8 +159,8 @@ def apply_claim(
         settled_before = DeltaStatus(delta.status).is_terminal
         _follow(delta, claim, now, by)
         if not settled_before and DeltaStatus(delta.status).is_terminal:
-            for kind in CLEARED_BY_SETTLING:  # the condition is gone: PacSpace has decided
-                session.resolve_open(kind.value, f"delta:{delta.id}", f"cleared: the delta is {delta.status}", now)
+            # the condition is gone: PacSpace has decided (one query for the three kinds)
+            session.resolve_open([kind.value for kind in CLEARED_BY_SETTLING], f"delta:{delta.id}", f"cleared: the delta is {delta.status}", now)
     return findings
 
 
