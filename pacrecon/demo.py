@@ -139,9 +139,9 @@ class Stack:
     def _spawn(self, name: str, args: list[str], settings: dict[str, str], ready_url: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PACRECON_")}
         env.update(settings)
-        log = (self.workdir / f"{name}.log").open("ab")
-        process = subprocess.Popen([sys.executable, "-m", "pacrecon", *args], env=env, cwd=self.workdir,
-                                   stdout=log, stderr=log, start_new_session=True)  # Ctrl-C is ours to pass on
+        with (self.workdir / f"{name}.log").open("ab") as log:  # the child keeps its own handle
+            process = subprocess.Popen([sys.executable, "-m", "pacrecon", *args], env=env, cwd=self.workdir,
+                                       stdout=log, stderr=log, start_new_session=True)  # Ctrl-C is ours to pass on
         self.processes.append(process)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -154,13 +154,15 @@ class Stack:
         raise RuntimeError(f"the {name} did not start within 30 s")
 
     def stop(self) -> None:
+        """The daemon first (it drains while PacSpace still answers), then the sandbox. A
+        second Ctrl-C, or a child that does not stop within 40 s, gets it killed instead."""
         for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in reversed(self.processes):
+            if process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
             try:
                 process.wait(40)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 process.kill()
                 process.wait()
 
@@ -181,10 +183,16 @@ def _body(value: Any) -> bytes:
     return jsonio.dumps_bytes(value)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: through the clean-up
+
+
 def run_demo(seed: int, singles: int, batches: int, out: TextIO, workdir: Path, keep: bool) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     rng = random.Random(seed)
     progress = Progress(out)
     stack = Stack(workdir=workdir, seed=seed)
+    clients: list[httpx.Client] = []
     started = time.monotonic()
     try:
         progress.step("starting the PacSpace sandbox and the daemon")
@@ -194,6 +202,7 @@ def run_demo(seed: int, singles: int, batches: int, out: TextIO, workdir: Path, 
                                                                 "Content-Type": "application/json"}, timeout=60)
         upstream = httpx.Client(base_url=stack.sandbox_url, timeout=30)
         admin = httpx.Client(base_url=stack.daemon_url, headers={"Authorization": f"Bearer {stack.admin_token}"}, timeout=60)
+        clients += [api, upstream, admin]
         upstream.put("/_sandbox/faults", json=BACKGROUND_FAULTS).raise_for_status()
         amounts = _amounts(rng, singles + 100 * batches + 3)
         emitted = 0
@@ -269,8 +278,12 @@ def run_demo(seed: int, singles: int, batches: int, out: TextIO, workdir: Path, 
             while all(p.poll() is None for p in stack.processes):
                 time.sleep(0.5)
         return 0
+    except httpx.HTTPError as exc:
+        raise RuntimeError(f"a request failed: {type(exc).__name__}: {exc}; logs in {workdir}") from None
     finally:
         progress.finish()
+        for client in clients:
+            client.close()
         stack.stop()
 
 

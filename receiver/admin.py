@@ -22,6 +22,7 @@ from receiver.body import read_limited_body
 from receiver.deltas import exact_json
 from receiver.errors import RequestError
 from receiver.report_html import CONTENT_SECURITY_POLICY, render_report_html
+from receiver.routing import route
 from reconciler.report import ReportPage, build_report, discrepancies_csv, discrepancy_view, run_view
 from storage import jsonio
 from storage.ledger import Ledger
@@ -32,6 +33,7 @@ from storage.vocabulary import DiscrepancyKind, DiscrepancyStatus
 
 PAGE_MAX = 1000
 NOTE_MAX = 2000
+ID_MAX = 2**31 - 1  # row ids are 32-bit integers on PostgreSQL
 StartPass = Callable[[Callable[[int], None]], Awaitable[Any]]
 
 
@@ -56,15 +58,16 @@ class AdminApi:
         where = report_filter(query)
         page = ReportPage(
             discrepancy_limit=_int(query, "discrepancy_limit", 100, 1, PAGE_MAX),
-            discrepancy_after=_int(query, "discrepancy_cursor", None, 0, None),
+            discrepancy_after=_int(query, "discrepancy_cursor", None, 0, ID_MAX),
             customer_limit=_int(query, "customer_limit", 100, 1, PAGE_MAX),
-            customer_after=query.get("customer_cursor") or None,
+            customer_after=_text(query, "customer_cursor"),
         )
         now = self._now()
-        report = await self.ledger.read(lambda s: build_report(s, where, page, now))
-        if form == "csv":
-            return Response(discrepancies_csv(report["discrepancies"]["rows"]), media_type="text/csv; charset=utf-8",
+        if form == "csv":  # every open row the filters select, not one page
+            rows = await self.ledger.read(lambda s: [discrepancy_view(r) for r in s.report().all_discrepancies(where, status="open")])
+            return Response(discrepancies_csv(rows), media_type="text/csv; charset=utf-8",
                             headers={"Content-Disposition": 'attachment; filename="discrepancies.csv"'})
+        report = await self.ledger.read(lambda s: build_report(s, where, page, now))
         if form == "html":
             return HTMLResponse(render_report_html(report), headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
         return exact_json(report)
@@ -89,7 +92,7 @@ class AdminApi:
     async def list_runs(self, request: Request) -> Response:
         self._authorize(request)
         limit = _int(request.query_params, "limit", 50, 1, PAGE_MAX)
-        before = _int(request.query_params, "cursor", None, 1, None)
+        before = _int(request.query_params, "cursor", None, 1, ID_MAX)
         runs = await self.ledger.read(lambda s: [run_view(r) for r in s.report().runs(before, limit)])
         return exact_json({"runs": runs, "next_cursor": str(runs[-1]["id"]) if len(runs) == limit else None})
 
@@ -107,8 +110,8 @@ class AdminApi:
         kind = _choice(query, "kind", [k.value for k in DiscrepancyKind], None)
         status = _choice(query, "status", [s.value for s in DiscrepancyStatus] + ["all"], DiscrepancyStatus.OPEN.value)
         limit = _int(query, "limit", 100, 1, PAGE_MAX)
-        after = _int(query, "cursor", None, 0, None)
-        where = ReportFilter(customer_id=query.get("customer_id") or None)
+        after = _int(query, "cursor", None, 0, ID_MAX)
+        where = ReportFilter(customer_id=_text(query, "customer_id"))
         rows = await self.ledger.read(
             lambda s: [discrepancy_view(r) for r in s.report().discrepancies(
                 where, kind=kind, status=None if status == "all" else status, after_id=after, limit=limit)]
@@ -144,8 +147,7 @@ class AdminApi:
     def routes(self) -> list[Route]:
         return [
             Route("/admin/reconciliation/report", self.report, methods=["GET"]),
-            Route("/admin/reconciliation/runs", self.start_run, methods=["POST"]),
-            Route("/admin/reconciliation/runs", self.list_runs, methods=["GET"]),
+            route("/admin/reconciliation/runs", {"POST": self.start_run, "GET": self.list_runs}),
             Route("/admin/reconciliation/runs/{run_id}", self.get_run, methods=["GET"]),
             Route("/admin/discrepancies", self.list_discrepancies, methods=["GET"]),
             Route("/admin/discrepancies/{discrepancy_id}/resolve", self.resolve, methods=["POST"]),
@@ -156,7 +158,17 @@ def report_filter(query: Any) -> ReportFilter:
     since, until = _time(query, "since"), _time(query, "until")
     if since and until and since >= until:
         raise RequestError(400, "invalid_parameter", "since must be before until")
-    return ReportFilter(customer_id=query.get("customer_id") or None, since=since, until=until)
+    return ReportFilter(customer_id=_text(query, "customer_id"), since=since, until=until)
+
+
+def _text(query: Any, name: str) -> str | None:
+    """A free-text parameter; empty is absent, and text the ledger cannot hold is refused."""
+    raw = query.get(name)
+    if not raw:
+        return None
+    if len(raw) > 300 or jsonio.storable_text_error(raw):
+        raise RequestError(400, "invalid_parameter", f"{name} must be at most 300 characters of text")
+    return str(raw)
 
 
 def _format(request: Request) -> str:
@@ -170,7 +182,7 @@ def _format(request: Request) -> str:
 
 def _int(query: Any, name: str, default: int | None, low: int, high: int | None) -> Any:
     raw = query.get(name)
-    if raw in (None, ""):
+    if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise RequestError(400, "invalid_parameter", f"{name} must be a whole number, not {raw[:40]!r}")
@@ -198,15 +210,15 @@ def _time(query: Any, name: str) -> datetime | None:
             moment = datetime.combine(date.fromisoformat(raw), day_start())
         else:
             moment = datetime.fromisoformat(raw)
-    except ValueError:
+        # a time without an offset is UTC, as every time in the ledger
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: an offset that moves it past year 1 or 9999
         raise RequestError(400, "invalid_parameter", f"{name} must be an ISO 8601 date or time, e.g. 2026-11-01 or 2026-11-01T12:00:00Z") from None
-    # a time without an offset is UTC, as every time in the ledger
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _path_id(request: Request, name: str) -> int:
     raw = request.path_params[name]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > ID_MAX:
         raise RequestError(404, "not_found", f"no such id {raw[:40]!r}")
     return int(raw)
 
@@ -214,7 +226,7 @@ def _path_id(request: Request, name: str) -> int:
 def _note(body: bytes) -> str:
     try:
         data = jsonio.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RequestError(400, "invalid_json", "the body must be JSON: {\"note\": \"why it is resolved\"}") from None
     note = data.get("note") if isinstance(data, dict) else None
     if not isinstance(note, str) or not note.strip():

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from receiver.auth import require_bearer
 from receiver.body import read_limited_body
 from receiver.errors import RequestError
+from receiver.routing import route
 from reconciler.emit_rules import CUSTOMER_ID
 from reconciler.imports import import_records
 from reconciler.outbox import InvalidRequest, Outbox, parse_request
@@ -145,8 +146,7 @@ class DeltasApi:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/v1/deltas", self.emit, methods=["POST"]),
-            Route("/v1/deltas", self.list_deltas, methods=["GET"]),
+            route("/v1/deltas", {"POST": self.emit, "GET": self.list_deltas}),
             Route("/v1/deltas/batch", self.emit_batch, methods=["POST"]),
             Route("/v1/deltas/import", self.import_deltas, methods=["POST"]),
             Route("/v1/deltas/{anchor_id}", self.get_by_anchor, methods=["GET"]),

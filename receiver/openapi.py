@@ -38,7 +38,11 @@ def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 OBJECT = {"type": "object"}
-ID_PATTERN = {"type": "string", "pattern": "^[0-9]{1,18}$"}
+ID_PATTERN = {"type": "string", "pattern": "^[0-9]{1,10}$"}
+ROW_ID = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+FREE_TEXT = {"type": "string", "maxLength": 300, "pattern": "^[^\\x00]*$"}
+CUSTOMER_ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}
+TEXT = "^[^\\x00]*$"  # no NUL: PostgreSQL cannot store it
 TIME = {"type": "string", "description": "ISO 8601 date or time; UTC when no offset is given"}
 PAGE = {"type": "integer", "minimum": 1, "maximum": 1000}
 ADMIN = [{"admin": []}]
@@ -47,11 +51,12 @@ EMIT_BODY = {
     "type": "object",
     "required": ["customerId", "delta", "reason"],
     "properties": {
-        "customerId": {"type": "string"},
-        "delta": {"type": "number", "description": "exact decimal, e.g. -42.50"},
-        "reason": {"type": "string"},
-        "referenceId": {"type": "string"},
-        "metadata": {"type": "object"},
+        "customerId": CUSTOMER_ID,
+        "delta": {"type": "number", "minimum": -1_000_000_000, "maximum": 1_000_000_000, "not": {"const": 0},
+                  "description": "exact decimal, e.g. -42.50, at most 9 decimal places, not zero"},
+        "reason": {"type": "string", "minLength": 1, "maxLength": 500, "pattern": TEXT},
+        "referenceId": {"type": ["string", "null"], "maxLength": 256, "pattern": TEXT},
+        "metadata": {"type": ["object", "null"], "description": "at most 16 KiB as JSON"},
     },
 }
 IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}
@@ -90,10 +95,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Deltas in the ledger, by id (keyset pages)",
         "security": API,
         "parameters": [
-            _query("customer_id", {"type": "string"}, "one customer"),
+            _query("customer_id", CUSTOMER_ID, "one customer"),
             _query("status", {"enum": [s.value for s in DeltaStatus]}, "one status"),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "page size (100)"),
-            _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+            _query("cursor", {"type": "string"}, "next_cursor of the previous page, exactly (anything else is 400)"),
         ],
         "responses": {"200": _json({"type": "object", "required": ["deltas", "next_cursor"]}, "a page"), **_errors(400, 401, 503)},
     },
@@ -110,7 +115,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Register deltas emitted elsewhere, from their PacSpace emit answers",
         "security": API,
         "requestBody": {"required": True, "content": {JSON: {"schema": {"oneOf": [
-            {"type": "array", "items": OBJECT}, {"type": "object", "required": ["records"]}]}}}},
+            {"type": "array", "minItems": 1,
+             "description": "1 to 10,000 emit answers; a record that is not one is reported in `invalid`, the rest imported"},
+            {"type": "object", "required": ["records"], "properties": {"records": {"type": "array", "minItems": 1}}},
+        ]}}}},
         "responses": {"200": _json(OBJECT, "what was imported"), **_errors(400, 401, 413, 503)},
     },
     ("/v1/deltas/{anchor_id}", "get"): {
@@ -123,14 +131,15 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "The reconciliation report: JSON (default), CSV of the discrepancy rows, or HTML for a browser",
         "security": ADMIN,
         "parameters": [
-            _query("format", {"enum": ["json", "csv", "html"]}, "default: html when Accept has text/html, else json"),
-            _query("customer_id", {"type": "string"}, "one customer"),
+            _query("format", {"enum": ["json", "csv", "html"]},
+                   "default: html when Accept has text/html, else json; csv: every open discrepancy row the filters select"),
+            _query("customer_id", FREE_TEXT, "one customer"),
             _query("since", TIME, "deltas created (discrepancies first seen, webhooks received) from"),
             _query("until", TIME, "… before"),
             _query("discrepancy_limit", PAGE, "open discrepancy rows per page (100)"),
-            _query("discrepancy_cursor", {"type": "integer", "minimum": 0}, "next_cursor of the rows"),
+            _query("discrepancy_cursor", ROW_ID, "next_cursor of the rows"),
             _query("customer_limit", PAGE, "customers per page (100)"),
-            _query("customer_cursor", {"type": "string"}, "next_cursor of the customers"),
+            _query("customer_cursor", FREE_TEXT, "next_cursor of the customers"),
         ],
         "responses": {
             "200": {"description": "the report", "content": {
@@ -150,7 +159,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("/admin/reconciliation/runs", "get"): {
         "summary": "Reconciliation runs, newest first",
         "security": ADMIN,
-        "parameters": [_query("limit", PAGE, "page size (50)"), _query("cursor", {"type": "integer", "minimum": 1}, "next_cursor")],
+        "parameters": [_query("limit", PAGE, "page size (50)"), _query("cursor", {**ROW_ID, "minimum": 1}, "next_cursor")],
         "responses": {"200": _json({"type": "object", "required": ["runs", "next_cursor"]}, "a page"), **_errors(400, 401, 503)},
     },
     ("/admin/reconciliation/runs/{run_id}", "get"): {
@@ -165,9 +174,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "parameters": [
             _query("kind", {"enum": [k.value for k in DiscrepancyKind]}, "one kind"),
             _query("status", {"enum": ["open", "resolved", "all"]}, "default open"),
-            _query("customer_id", {"type": "string"}, "one customer"),
+            _query("customer_id", FREE_TEXT, "one customer"),
             _query("limit", PAGE, "page size (100)"),
-            _query("cursor", {"type": "integer", "minimum": 0}, "next_cursor"),
+            _query("cursor", ROW_ID, "next_cursor"),
         ],
         "responses": {"200": _json({"type": "object", "required": ["discrepancies", "next_cursor"]}, "a page"),
                       **_errors(400, 401, 503)},

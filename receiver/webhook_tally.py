@@ -13,7 +13,6 @@ import threading
 from collections import Counter
 from datetime import datetime
 
-from storage.errors import StorageUnavailable
 from storage.ledger import Ledger
 from storage.session import LedgerSession
 
@@ -50,7 +49,7 @@ class WebhookTally:
 
         try:
             await ledger.transact(add)
-        except StorageUnavailable:
+        except BaseException:  # not written (or not known to be): counted again next time
             with self._lock:
                 self._counts.update(taken)
             raise

@@ -22,7 +22,6 @@ from storage.vocabulary import DeltaStatus, DetectedBy, DiscrepancyKind, EventOu
 
 # gaps that exist only while a delta is unsettled
 CLEARED_BY_SETTLING = (DiscrepancyKind.STUCK, DiscrepancyKind.NOT_FOUND_UPSTREAM, DiscrepancyKind.UNVERIFIABLE)
-CLEARED_KINDS = tuple(kind.value for kind in CLEARED_BY_SETTLING)
 
 
 @dataclass(frozen=True)
@@ -222,8 +221,8 @@ def apply_claim(
         settled_before = DeltaStatus(delta.status).is_terminal
         _follow(delta, claim, now, by)
         if not settled_before and DeltaStatus(delta.status).is_terminal:
-            # the condition is gone: PacSpace has decided
-            session.resolve_open(CLEARED_KINDS, f"delta:{delta.id}", f"cleared: the delta is {delta.status}", now)
+            # the condition is gone: PacSpace has decided (one query for the three kinds)
+            session.resolve_open([kind.value for kind in CLEARED_BY_SETTLING], f"delta:{delta.id}", f"cleared: the delta is {delta.status}", now)
     return findings
 
 

@@ -367,6 +367,7 @@ def _apply_page(
 ) -> PageResult:
     result = PageResult()
     open_before = session.count_open_discrepancies()
+    session.load_deltas(delta_ids)  # the page's rows in one query: get_delta below finds them without another
     for delta_id in delta_ids:
         try:
             with session.savepoint():

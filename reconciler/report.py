@@ -38,6 +38,7 @@ class ReportPage:
 
 def build_report(session: LedgerSession, where: ReportFilter, page: ReportPage, now: datetime) -> dict[str, Any]:
     queries = session.report()
+    queries.one_snapshot()  # every section from the same moment
     totals = queries.totals_by_status(where)
     open_by_kind = queries.open_by_kind(where)
     rows = queries.discrepancies(where, kind=None, status="open", after_id=page.discrepancy_after, limit=page.discrepancy_limit)

@@ -30,12 +30,12 @@ from storage.models import (
     WebhookEvent,
     WebhookTally,
 )
-from storage.rollup_sql import lag_bucket_bounds
+from storage.rollup_sql import HISTOGRAM_EDGES_MS, lag_bucket_bounds
 from storage.types import UNITS_PER_ONE, combine_exact_sum, exact_sum_parts, units_to_amount
 from storage.vocabulary import DiscrepancyStatus
 
-LAG_BUCKETS_MS = (1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000)
 PERCENTILES = (0.50, 0.95, 0.99)
+NOT_EXPECTED = frozenset({"FAILED", "REJECTED"})  # settled without changing the balance
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class LagSummary:
 class CustomerTotal:
     customer_id: str
     deltas: int
-    local_amount: Decimal  # every delta we hold for the customer but REJECTED ones
+    local_amount: Decimal  # what we expect PacSpace to verify: every delta but FAILED and REJECTED ones
     verified_deltas: int
     verified_amount: Decimal
 
@@ -79,6 +79,12 @@ class ReportQueries:
     def __init__(self, session: Session) -> None:
         self._session = session
         self._dialect = session.get_bind().dialect.name
+
+    def one_snapshot(self) -> None:
+        """Make the rest of this read transaction see one snapshot (PostgreSQL's default
+        isolation gives each statement its own). Must come before any other statement."""
+        if self._dialect != "sqlite":  # SQLite's read transaction is one snapshot already
+            self._session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
 
     def _delta_filter(self, where: ReportFilter) -> list[ColumnElement[bool]]:
         return _within(where, LocalDelta.__table__.c.customer_id, LocalDelta.__table__.c.created_at)
@@ -135,7 +141,7 @@ class ReportQueries:
         if not values:
             return LagSummary(0, {}, None, [])
         ranks = {p: values[_rank(p, len(values)) - 1] for p in PERCENTILES}
-        bounds = [*LAG_BUCKETS_MS, None]
+        bounds = [*HISTOGRAM_EDGES_MS, None]
         histogram, lower = [], 0
         for bound in bounds:
             count = sum(1 for v in values if v >= lower and (bound is None or v < bound))
@@ -148,7 +154,10 @@ class ReportQueries:
         count = sum(n for _, n in buckets)
         if count == 0:
             return LagSummary(0, {}, None, [])
-        top = int(self._session.execute(select(lag).where(VERIFIED_LAG_PREDICATE).order_by(lag.desc()).limit(1)).scalar_one())
+        top = self._session.execute(select(lag).where(VERIFIED_LAG_PREDICATE).order_by(lag.desc()).limit(1)).scalar()
+        if top is None:  # the rollup counted rows a concurrent delete has taken since
+            return LagSummary(0, {}, None, [])
+        top = int(top)
         bounds = lag_bucket_bounds_after()
         percentiles, seen, ranks = {}, 0, sorted((_rank(p, count), p) for p in PERCENTILES)
         for lower, n in buckets:
@@ -157,7 +166,7 @@ class ReportQueries:
                 # the bucket's upper edge: within 1 % above the exact value, never above the max
                 percentiles[ranks.pop(0)[1]] = min(top, bounds.get(lower, lower + 1) - 1)
         histogram, i = [], 0
-        for bound in [*LAG_BUCKETS_MS, None]:
+        for bound in [*HISTOGRAM_EDGES_MS, None]:
             in_bucket = 0
             while i < len(buckets) and (bound is None or buckets[i][0] < bound):
                 in_bucket += buckets[i][1]
@@ -186,7 +195,7 @@ class ReportQueries:
         result = []
         for customer in page:
             by_status = sums[customer]
-            counted = [v for status, v in by_status.items() if status != "REJECTED"]
+            counted = [v for status, v in by_status.items() if status not in NOT_EXPECTED]
             verified = by_status.get("VERIFIED", (0, Decimal(0)))
             result.append(
                 CustomerTotal(
@@ -232,6 +241,15 @@ class ReportQueries:
         conditions = self._discrepancy_filter(where, status=None) + [Discrepancy.first_seen_at >= days_since]  # type: ignore[operator]
         statement = select(day, func.count(), still_open).where(*conditions).group_by(day).order_by(day)
         return [(str(row[0]), int(row[1]), int(row[2] or 0)) for row in self._session.execute(statement)]
+
+    def all_discrepancies(self, where: ReportFilter, *, status: str | None, page: int = 1000) -> list[Discrepancy]:
+        """Every row the filter selects, read page by page in id order."""
+        rows: list[Discrepancy] = []
+        while True:
+            batch = self.discrepancies(where, kind=None, status=status, after_id=rows[-1].id if rows else None, limit=page)
+            rows += batch
+            if len(batch) < page:
+                return rows
 
     def get_discrepancy(self, discrepancy_id: int) -> Discrepancy | None:
         return self._session.get(Discrepancy, discrepancy_id)

@@ -11,14 +11,19 @@ LAG_STEP = 1.01
 LAG_LIMIT_MS = 10**11  # about three years; larger lags share the last bucket
 
 
+# the report's histogram edges are bucket edges too, so a histogram bar holds whole buckets
+HISTOGRAM_EDGES_MS = (1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000)
+
+
 def lag_bucket_bounds() -> list[int]:
     bounds = list(range(LAG_LINEAR_UNTIL_MS))
     while bounds[-1] < LAG_LIMIT_MS:
         bounds.append(max(bounds[-1] + 1, int(bounds[-1] * LAG_STEP + 0.999999)))
-    return bounds
+    return sorted(set(bounds) | set(HISTOGRAM_EDGES_MS))
 
 
-_BUCKET = "(SELECT max(lower_ms) FROM lag_bucket WHERE lower_ms <= {lag})"
+# a lag below 0 (clock skew; never written by the daemon) counts in the first bucket
+_BUCKET = "COALESCE((SELECT max(lower_ms) FROM lag_bucket WHERE lower_ms <= {lag}), 0)"
 
 # -- SQLite: one writer at a time: the rollup itself, updated in place -------------------------------------------
 

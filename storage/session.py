@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -29,6 +29,8 @@ from storage.rollup_sql import POSTGRES_FOLD
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
 from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 
+# written out, not bound: SQLite uses the partial index of open discrepancies only then
+_OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
 
 _EVENT_COLUMNS = tuple(c.name for c in WebhookEvent.__table__.columns if c.name != "id")
 _INSERT_EVENT: dict[str, Any] = {}
@@ -67,17 +69,6 @@ _DELTAS_BY = {
     column: select(LocalDelta).where(getattr(LocalDelta, column) == bindparam("value")).order_by(LocalDelta.id)
     for column in ("anchor_id", "item_hash", "receipt_id")
 }
-
-
-def _open_discrepancies(about_subject: bool) -> Any:
-    statement = select(Discrepancy).where(Discrepancy.status == DiscrepancyStatus.OPEN.value)
-    if about_subject:
-        statement = statement.where(Discrepancy.subject == bindparam("subject"))
-    return statement.order_by(Discrepancy.id).execution_options(populate_existing=True)
-
-
-# built once: every verified webhook resolves what its delta's settling clears
-_OPEN_ALL, _OPEN_ABOUT = _open_discrepancies(False), _open_discrepancies(True)
 
 
 class LedgerSession:
@@ -180,6 +171,11 @@ class LedgerSession:
 
     def get_delta(self, delta_id: int) -> LocalDelta | None:
         return self._session.get(LocalDelta, delta_id)
+
+    def load_deltas(self, delta_ids: Sequence[int]) -> list[LocalDelta]:
+        """Read these deltas in one query; `get_delta` then finds them in the transaction
+        without asking the database again (a page of the reconciler: 200 queries saved)."""
+        return list(self._session.scalars(select(LocalDelta).where(LocalDelta.id.in_(delta_ids))))  # type: ignore[union-attr]
 
     def deltas_by_anchor(self, anchor_id: str) -> list[LocalDelta]:
         return list(self._session.scalars(_DELTAS_BY["anchor_id"], {"value": anchor_id}))
@@ -306,10 +302,12 @@ class LedgerSession:
         return int(self._session.execute(statement).scalar_one())
 
     def open_discrepancies(self, subject: str | None = None) -> list[Discrepancy]:
-        statement = _OPEN_ABOUT if subject is not None else _OPEN_ALL
-        # the upsert in open_discrepancy bypasses the identity map: the statements
-        # populate existing rows, so no stale row is handed out
-        return list(self._session.scalars(statement, {"subject": subject} if subject is not None else None))
+        statement = select(Discrepancy).where(Discrepancy.status == DiscrepancyStatus.OPEN.value)
+        if subject is not None:
+            statement = statement.where(Discrepancy.subject == subject)
+        # the upsert in open_discrepancy bypasses the identity map: never hand out a stale row
+        statement = statement.order_by(Discrepancy.id).execution_options(populate_existing=True)
+        return list(self._session.scalars(statement))
 
     def record_fixed(self, finding: Discrepancy, note: str, now: datetime) -> int:
         """Record a gap that was found and fixed in the same breath (e.g. a missing webhook
@@ -321,15 +319,25 @@ class LedgerSession:
         self._session.flush()
         return int(finding.id or 0)
 
-    def resolve_open(self, kind: str | tuple[str, ...], subject: str, note: str, now: datetime) -> list[int]:
-        """Resolve the open discrepancy of `kind` (or of each kind in a tuple) about
-        `subject`, if there is one: one query, however many kinds."""
-        kinds = (kind,) if isinstance(kind, str) else kind
+    def resolve_open(self, kind: str | Sequence[str], subject: str, note: str, now: datetime) -> list[int]:
+        """Resolve the open discrepancy of `kind` (or of each of several kinds) about `subject`,
+        if there is one.
+
+        One query for all the kinds, on the partial unique index (kind, subject) of open rows:
+        a settling delta clears three kinds, and the reconciler settles thousands per pass.
+        """
+        kinds = [kind] if isinstance(kind, str) else list(kind)
+        statement = (
+            select(Discrepancy)
+            .where(_OPEN_SQL, Discrepancy.kind.in_(kinds), Discrepancy.subject == subject)  # type: ignore[attr-defined]
+            .order_by(Discrepancy.id)
+            # the upsert in open_discrepancy bypasses the identity map: never update a stale row
+            .execution_options(populate_existing=True)
+        )
         resolved = []
-        for row in self.open_discrepancies(subject):
-            if row.kind in kinds:
-                row.status, row.resolved_at, row.resolution_note = DiscrepancyStatus.RESOLVED.value, now, note[:2000]
-                resolved.append(int(row.id or 0))
+        for row in self._session.scalars(statement):
+            row.status, row.resolved_at, row.resolution_note = DiscrepancyStatus.RESOLVED.value, now, note[:2000]
+            resolved.append(int(row.id or 0))
         return resolved
 
     def count_open_discrepancies(self) -> int:

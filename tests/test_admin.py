@@ -176,9 +176,18 @@ def test_the_json_report_matches_the_ledger(stack: Stack, history: dict[str, Any
 
 def test_bad_report_parameters_are_400(stack: Stack) -> None:
     for params in ({"format": "xml"}, {"since": "yesterday"}, {"since": "2026-02-01", "until": "2026-01-01"},
-                   {"discrepancy_limit": "0"}, {"discrepancy_limit": "abc"}, {"customer_limit": "100000"}):
+                   {"discrepancy_limit": "0"}, {"discrepancy_limit": "abc"}, {"customer_limit": "100000"},
+                   {"since": "0001-01-01T00:00:00+01:00"}, {"until": "9999-12-31T23:59:59-01:00"},  # past the calendar
+                   {"discrepancy_cursor": "99999999999"}, {"customer_id": "a\x00b"}, {"customer_cursor": "x" * 301},
+                   {"discrepancy_cursor": ""}):
         answer = stack.admin.get("/admin/reconciliation/report", params=params)
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_parameter", params
+    for path in ("/admin/reconciliation/runs/99999999999", "/admin/reconciliation/runs/2147483648"):
+        assert stack.admin.get(path).status_code == 404  # beyond a row id: not found, not a database error
+    assert stack.admin.get("/admin/reconciliation/runs", params={"cursor": "2147483648"}).status_code == 400
+    assert stack.admin.post("/admin/discrepancies/99999999999/resolve", json={"note": "x"}).status_code == 404
+    deep = stack.admin.post("/admin/discrepancies/1/resolve", content=b"[" * 60_000)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
 
 
 def test_the_csv_and_the_html_report(stack: Stack, history: dict[str, Any]) -> None:
@@ -186,6 +195,8 @@ def test_the_csv_and_the_html_report(stack: Stack, history: dict[str, Any]) -> N
     assert csv_answer.headers["content-type"].startswith("text/csv")
     lines = csv_answer.text.splitlines()
     assert lines[0].startswith("id,kind,status,subject") and len(lines) == 2 and ",receipt_mismatch,open," in lines[1]
+    # every open row, whatever the page size of the JSON report
+    assert stack.admin.get("/admin/reconciliation/report", params={"format": "csv", "discrepancy_limit": "1"}).text == csv_answer.text
     page = stack.admin.get("/admin/reconciliation/report", headers={"Accept": "text/html,application/xhtml+xml"})
     assert page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]

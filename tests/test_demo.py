@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from storage.sql_ledger import SqlLedger
@@ -66,7 +67,8 @@ def test_the_same_seed_emits_the_same_deltas(tmp_path: Path) -> None:
     assert emitted[0] == emitted[1] and len(emitted[0]) == 23
 
 
-def test_ctrl_c_stops_everything_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_everything_and_leaves_nothing(tmp_path: Path, stop: signal.Signals) -> None:
     before = set(Path("/tmp").glob("pacrecon-demo-*"))
     process = subprocess.Popen([sys.executable, "-m", "pacrecon", "demo"], env=clean_environment(), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -78,7 +80,7 @@ def test_ctrl_c_stops_everything_and_leaves_nothing(tmp_path: Path) -> None:
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
     assert len(ports) == 2
     time.sleep(1)  # emitting
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     assert process.wait(60) == 130
     for port in ports:  # the sandbox and the daemon are gone
         with socket.socket() as probe:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.models import LocalDelta, WebhookEvent
+from storage.models import Discrepancy, LocalDelta, WebhookEvent
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
 from tests.conftest import BACKENDS, empty_postgres, migrated_sqlite_url
@@ -52,7 +52,8 @@ def plan(ledger: SqlLedger, build: Any) -> str:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlLedger]:
-    """A ledger with 20,000 deltas (1 in 100 unsettled) and 5,000 orphan events.
+    """A ledger with 20,000 deltas (1 in 100 unsettled), 5,000 orphan events and 5,000
+    discrepancies (half of them open).
 
     PostgreSQL is analysed, as its autovacuum would have done; SQLite is not, as a
     fresh daemon's file would not be, so no plan here depends on SQLite statistics.
@@ -93,6 +94,20 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             for n in range(5_000)
         ]
         session._session.execute(WebhookEvent.__table__.insert(), events)
+        findings = [
+            dict(
+                kind=("stuck", "unverifiable", "not_found_upstream", "receipt_mismatch")[n % 4],
+                status="open" if n % 2 == 0 else "resolved",
+                subject=f"delta:{n}",
+                detected_by="reconciler",
+                evidence={},
+                occurrences=1,
+                first_seen_at=NOW,
+                last_seen_at=NOW,
+            )
+            for n in range(5_000)
+        ]
+        session._session.execute(Discrepancy.__table__.insert(), findings)
 
     if request.param == "sqlite":
         url = migrated_sqlite_url(tmp_path_factory.mktemp("plans") / "ledger.db")
@@ -105,6 +120,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         with ledger.engine.connect() as connection:
             connection.execute(text("ANALYZE local_delta"))
             connection.execute(text("ANALYZE webhook_event"))
+            connection.execute(text("ANALYZE discrepancy"))
             connection.commit()
     yield ledger
     ledger.close()
@@ -121,6 +137,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         (lambda s: s.unsettled_deltas(NOW, None, 100), "ix_local_delta_unsettled"),
         (lambda s: s.unsettled_deltas(NOW, (NOW, 5), 100), "ix_local_delta_unsettled"),
         (lambda s: s.delta_by_sequence("cust_7", "7"), "ix_local_delta_customer_sequence"),
+        (lambda s: s.resolve_open(["stuck", "unverifiable"], "delta:7", "cleared", NOW), "ux_discrepancy_open_subject"),
     ],
 )
 def test_lookup_uses_its_index(ledger: SqlLedger, build: Any, index: str) -> None:

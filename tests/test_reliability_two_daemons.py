@@ -49,8 +49,8 @@ def test_the_same_event_sent_to_two_daemons_at_once_is_recorded_once(two_daemons
     answers = asyncio.run(deliver())
     # per event: one daemon recorded it, the other found it already there
     assert all(sorted(pair) == ["duplicate", "recorded"] for pair in answers), Counter(map(tuple, map(sorted, answers)))
-    # both daemons won some races: the deliveries really were concurrent across processes
-    assert {pair.index("recorded") for pair in answers} == {0, 1}
+    # which daemon wins each race is up to the scheduler (on a busy machine one may win all):
+    # asserting both won some would be a flaky test, so only the outcome is asserted
     engine = make_engine(postgres_url)
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT event_id, count(*) FROM webhook_event GROUP BY event_id")).all()

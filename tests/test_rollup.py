@@ -153,3 +153,45 @@ def test_a_migration_backfills_the_rollup_from_existing_rows(tmp_path: Path) -> 
     finally:
         ledger.close()
 
+
+
+def test_a_negative_lag_from_before_0004_does_not_break_the_upgrade(tmp_path: Path) -> None:
+    """PacSpace's receivedAt may be a little ahead of our clock: the backfilled lag is 0."""
+    from alembic import command
+
+    from storage.engine import make_engine
+    from storage.schema import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'skew.db'}"
+    engine = make_engine(url)
+    command.upgrade(alembic_config(engine), "0003")
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO local_delta (anchor_id, item_hash, customer_id, amount, reason, idempotency_key, source, status,"
+            " created_at, emitted_at, verified_at, updated_at) VALUES ('a', '0x1', 'cust_1', 1000000000, 'r', 'k', 'import',"
+            " 'VERIFIED', '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.003000', '2026-01-01 00:00:00.000000',"
+            " '2026-01-01 00:00:00.000000')"))
+    command.upgrade(alembic_config(engine), "head")
+    engine.dispose()
+    ledger = SqlLedger.from_url(url)
+    try:
+        assert ledger.read_sync(lambda s: s.get_delta(1).verification_lag_ms) == 0  # type: ignore[union-attr]
+        _check(ledger)
+    finally:
+        ledger.close()
+
+
+def test_the_histogram_bins_whole_lags_on_both_paths(ledger: SqlLedger) -> None:
+    """A lag of 1,005 ms is not "below 1 s", whether read from the rollup or from the rows."""
+    rng = random.Random(15)
+
+    def add(session: LedgerSession) -> None:
+        for n, lag in enumerate([999, 1000, 1005, 1999, 2000]):
+            delta = _delta(n, rng)
+            delta.status, delta.verification_lag_ms = "VERIFIED", lag
+            session.add_delta(delta)
+
+    ledger.transact_sync(add)
+    for where in (ReportFilter(), ReportFilter(since=datetime(2000, 1, 1, tzinfo=UTC))):
+        histogram = dict(ledger.read_sync(lambda s: s.report().lag(where).histogram))
+        assert histogram[1000] == 1 and histogram[2000] == 3 and histogram[5000] == 1, (where, histogram)

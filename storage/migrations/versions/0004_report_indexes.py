@@ -26,9 +26,10 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('verification_lag_ms', sa.BigInteger(), nullable=True))
     # deltas verified before this revision: their lag from the times already recorded
     if op.get_bind().dialect.name == 'sqlite':
-        lag = "CAST(ROUND((julianday(verified_at) - julianday(COALESCE(emitted_at, created_at))) * 86400000) AS INTEGER)"
+        lag = "MAX(0, CAST(ROUND((julianday(verified_at) - julianday(COALESCE(emitted_at, created_at))) * 86400000) AS INTEGER))"
     else:
-        lag = "CAST(ROUND(EXTRACT(EPOCH FROM verified_at - COALESCE(emitted_at, created_at)) * 1000) AS BIGINT)"
+        lag = "GREATEST(0, CAST(ROUND(EXTRACT(EPOCH FROM verified_at - COALESCE(emitted_at, created_at)) * 1000) AS BIGINT))"
+    # never negative, as apply.verification_lag_ms: PacSpace's receivedAt may be ahead of our clock
     op.execute(f"UPDATE local_delta SET verification_lag_ms = {lag} WHERE status = 'VERIFIED' AND verified_at IS NOT NULL")
     with op.batch_alter_table('local_delta', schema=None) as batch_op:
         batch_op.create_index('ix_local_delta_status_amount', ['status', 'amount'], unique=False)

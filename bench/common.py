@@ -1,0 +1,84 @@
+"""What every benchmark here shares: the machine's conditions, child processes measured
+from outside (wall time and peak RSS from the kernel), medians."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench scripts run as files; tests.daemon and the packages live here
+    sys.path.insert(0, str(REPO))
+
+
+@dataclass
+class ChildRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_seconds: float
+    max_rss_mb: float  # the kernel's ru_maxrss of the child: its peak resident set, whatever Python thinks
+
+
+def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 1800) -> ChildRun:
+    """Run `args` to its end. Peak RSS comes from wait4(), so it covers the whole life of
+    the process (imports, the work, the exit), not a sample."""
+    started = time.perf_counter()
+    out_path, err_path = cwd / "child.stdout", cwd / "child.stderr"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        process = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=err)
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                process.kill()
+                pid, status, usage = os.wait4(process.pid, 0)
+                break
+            time.sleep(0.005)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    return ChildRun(
+        returncode=process.returncode,
+        stdout=out_path.read_text(errors="replace"),
+        stderr=err_path.read_text(errors="replace"),
+        wall_seconds=wall,
+        max_rss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
+    )
+
+
+def proc_status_mb(pid: int, field: str) -> float:
+    """VmRSS / VmHWM of a running process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def conditions() -> dict[str, Any]:
+    """The load and the machine, recorded beside every figure (the machine is shared)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{os.cpu_count()} x {cpu}",
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "commit": commit,
+        "loadavg_1_5_15": os.getloadavg(),
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
