@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -33,33 +34,16 @@ from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
 
 _EVENT_COLUMNS = tuple(c.name for c in WebhookEvent.__table__.columns if c.name != "id")
-_INSERT_EVENT: dict[str, Any] = {}
-
-
-def _insert_event_statement(dialect: str) -> Any:
+@functools.cache
+def _insert_events_statement(dialect: str, returning: str) -> Any:
+    """INSERT … ON CONFLICT (event_id) DO NOTHING RETURNING `returning`, built once per dialect.
+    Executed with a list of rows, SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues")."""
     table = WebhookEvent.__table__
-    statement = (
+    return (
         (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
         .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(table.c.id)
+        .returning(table.c[returning])
     )
-    _INSERT_EVENT[dialect] = statement
-    return statement
-
-
-def _insert_events_statement(dialect: str) -> Any:
-    # executed with a list of rows: SQLAlchemy sends them as multi-row INSERTs ("insertmanyvalues")
-    table = WebhookEvent.__table__
-    statement = (
-        (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(table.c.event_id)
-    )
-    _INSERT_EVENTS[dialect] = statement
-    return statement
-
-
-_INSERT_EVENTS: dict[str, Any] = {}
 _ANCHORS_WITH_DELTAS = (
     select(LocalDelta.anchor_id).where(LocalDelta.anchor_id.in_(bindparam("anchors", expanding=True))).distinct()  # type: ignore[union-attr]
 )
@@ -104,7 +88,7 @@ class LedgerSession:
         values = {name: getattr(event, name) for name in _EVENT_COLUMNS}
         # one prebuilt Core statement with bound values: building an ORM insert per event
         # (and its cache key) was the writer thread's largest cost under load (bench/RESULTS.md)
-        statement = _INSERT_EVENT[self._dialect] if self._dialect in _INSERT_EVENT else _insert_event_statement(self._dialect)
+        statement = _insert_events_statement(self._dialect, "id")
         inserted_id = self._session.execute(statement, values).scalar_one_or_none()
         if inserted_id is None:
             return None
@@ -124,7 +108,7 @@ class LedgerSession:
         """
         if not rows:
             return set()
-        statement = _INSERT_EVENTS[self._dialect] if self._dialect in _INSERT_EVENTS else _insert_events_statement(self._dialect)
+        statement = _insert_events_statement(self._dialect, "event_id")
         # Core on the session's connection: no ORM objects, no identity map
         result = self._session.connection().execute(statement, rows)
         return set(result.scalars())

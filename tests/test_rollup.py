@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import text
 
+from storage.engine import make_engine
 from storage.models import LocalDelta, WebhookEvent
 from storage.report_queries import PERCENTILES, ReportFilter, _rank
 from storage.session import LedgerSession
@@ -125,29 +127,34 @@ def test_writers_on_several_connections_and_the_fold(database_url: str) -> None:
         ledger.close()
 
 
-def test_a_migration_backfills_the_rollup_from_existing_rows(tmp_path: Path) -> None:
+def _upgraded(url: str, revision: str, fill: Callable[[str], None]) -> SqlLedger:
+    """A SQLite ledger at `revision`, filled by `fill(url)`, then upgraded to head."""
     from alembic import command
 
     from storage.engine import make_engine
     from storage.schema import alembic_config
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = make_engine(url)
-    command.upgrade(alembic_config(engine), "0004")
+    command.upgrade(alembic_config(engine), revision)
+    fill(url)
+    command.upgrade(alembic_config(engine), "head")
     engine.dispose()
+    return SqlLedger.from_url(url)
+
+
+def test_a_migration_backfills_the_rollup_from_existing_rows(tmp_path: Path) -> None:
     rng = random.Random(14)
-    old = SqlLedger.from_url(url)
 
     def add(session: LedgerSession) -> None:
         for n in range(200):
             session.add_delta(_delta(n, rng))
 
-    old.transact_sync(add)
-    old.close()
-    engine = make_engine(url)
-    command.upgrade(alembic_config(engine), "head")
-    engine.dispose()
-    ledger = SqlLedger.from_url(url)
+    def fill(url: str) -> None:
+        old = SqlLedger.from_url(url)
+        old.transact_sync(add)
+        old.close()
+
+    ledger = _upgraded(f"sqlite:///{tmp_path / 'old.db'}", "0004", fill)
     try:
         _check(ledger)
     finally:
@@ -157,23 +164,18 @@ def test_a_migration_backfills_the_rollup_from_existing_rows(tmp_path: Path) -> 
 
 def test_a_negative_lag_from_before_0004_does_not_break_the_upgrade(tmp_path: Path) -> None:
     """PacSpace's receivedAt may be a little ahead of our clock: the backfilled lag is 0."""
-    from alembic import command
 
-    from storage.engine import make_engine
-    from storage.schema import alembic_config
+    def fill(url: str) -> None:
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO local_delta (anchor_id, item_hash, customer_id, amount, reason, idempotency_key, source, status,"
+                " created_at, emitted_at, verified_at, updated_at) VALUES ('a', '0x1', 'cust_1', 1000000000, 'r', 'k', 'import',"
+                " 'VERIFIED', '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.003000', '2026-01-01 00:00:00.000000',"
+                " '2026-01-01 00:00:00.000000')"))
+        engine.dispose()
 
-    url = f"sqlite:///{tmp_path / 'skew.db'}"
-    engine = make_engine(url)
-    command.upgrade(alembic_config(engine), "0003")
-    with engine.begin() as connection:
-        connection.execute(text(
-            "INSERT INTO local_delta (anchor_id, item_hash, customer_id, amount, reason, idempotency_key, source, status,"
-            " created_at, emitted_at, verified_at, updated_at) VALUES ('a', '0x1', 'cust_1', 1000000000, 'r', 'k', 'import',"
-            " 'VERIFIED', '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.003000', '2026-01-01 00:00:00.000000',"
-            " '2026-01-01 00:00:00.000000')"))
-    command.upgrade(alembic_config(engine), "head")
-    engine.dispose()
-    ledger = SqlLedger.from_url(url)
+    ledger = _upgraded(f"sqlite:///{tmp_path / 'skew.db'}", "0003", fill)
     try:
         assert ledger.read_sync(lambda s: s.get_delta(1).verification_lag_ms) == 0  # type: ignore[union-attr]
         _check(ledger)
