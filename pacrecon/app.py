@@ -6,7 +6,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -69,7 +68,7 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
 
     def observe_webhook(outcome: str, reason: str, seconds: float) -> None:
         metrics.webhook(outcome, reason, seconds)
-        tally.count(outcome, reason, datetime.fromtimestamp(clock(), UTC))
+        tally.count(outcome, reason, clock)
 
     receiver = WebhookReceiver(
         ledger=ledger,
@@ -98,7 +97,7 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
         ("webhook_tally", partial(tally.flush, ledger), TALLY_FLUSH_SECONDS),
         ("rollup_fold", partial(ledger.transact, LedgerSession.fold_rollup), ROLLUP_FOLD_SECONDS),
     ]
-    run_pass: Callable[[Callable[[int], None] | None], Awaitable[PassSummary]] | None = None
+    start_pass: Callable[[Callable[[int], None] | None], Awaitable[PassSummary]] | None = None
     if outbox is not None and pacspace is not None:
         reconciler = make_reconciler(settings, ledger, pacspace, clock)
         lifecycle.on_stop(reconciler.request_stop)
@@ -114,6 +113,7 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
             ("outbox_resend", outbox.resend_due, settings.outbox_retry_interval_seconds),
             ("reconcile", run_pass, settings.reconcile_interval_seconds),
         ]
+        start_pass = run_pass
     for name, job, seconds in jobs:
         # max_instances=1 and coalescing: never two runs of a job at once, no backlog
         scheduler.add_job(_logged(lifecycle.tracked(job), name), "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
@@ -131,7 +131,7 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
             # in-flight requests have finished: commit what they submitted, then let go
             await anyio.to_thread.run_sync(ledger.close)
 
-    admin = AdminApi(ledger=ledger, token=settings.admin_token, start_pass=run_pass, clock=clock)
+    admin = AdminApi(ledger=ledger, token=settings.admin_token, start_pass=start_pass, clock=clock)
     routes = [
         *health_routes(ledger, lambda: lifecycle.stopping),
         *webhook_routes(receiver),

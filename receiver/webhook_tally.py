@@ -9,9 +9,9 @@ statistics, not deliveries (nothing here was acknowledged as recorded).
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from storage.ledger import Ledger
 from storage.session import LedgerSession
@@ -20,18 +20,18 @@ TALLIED = frozenset({"duplicate", "rejected", "unavailable"})
 
 
 class WebhookTally:
+    """Counted and flushed on the event loop's thread only: no lock needed."""
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._counts: Counter[tuple[datetime, str, str]] = Counter()
 
-    def count(self, outcome: str, reason: str, now: datetime) -> None:
-        if outcome in TALLIED:
-            with self._lock:
-                self._counts[(now.replace(minute=0, second=0, microsecond=0), outcome, reason)] += 1
+    def count(self, outcome: str, reason: str, clock: Callable[[], float]) -> None:
+        if outcome in TALLIED:  # the clock is read only for what is counted: not per recorded event
+            now = clock()
+            self._counts[(datetime.fromtimestamp(now - now % 3600, UTC), outcome, reason)] += 1
 
     def _take(self) -> Counter[tuple[datetime, str, str]]:
-        with self._lock:
-            taken, self._counts = self._counts, Counter()
+        taken, self._counts = self._counts, Counter()
         return taken
 
     async def flush(self, ledger: Ledger) -> None:
@@ -50,7 +50,6 @@ class WebhookTally:
         try:
             await ledger.transact(add)
         except BaseException:  # not written (or not known to be): counted again next time
-            with self._lock:
-                self._counts.update(taken)
+            self._counts.update(taken)
             raise
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, and_, case, func, select, text, union_all
+from sqlalchemy import BigInteger, ColumnElement, case, func, select, text, union_all
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -141,13 +142,7 @@ class ReportQueries:
         if not values:
             return LagSummary(0, {}, None, [])
         ranks = {p: values[_rank(p, len(values)) - 1] for p in PERCENTILES}
-        bounds = [*HISTOGRAM_EDGES_MS, None]
-        histogram, lower = [], 0
-        for bound in bounds:
-            count = sum(1 for v in values if v >= lower and (bound is None or v < bound))
-            histogram.append((bound, count))
-            lower = bound or 0
-        return LagSummary(len(values), ranks, values[-1], histogram)
+        return LagSummary(len(values), ranks, values[-1], _histogram(sorted(Counter(values).items())))
 
     def _lag_from_rollup(self, lag: Any) -> LagSummary:
         buckets = sorted((int(key), count) for key, count, _, _ in self._rollup("lag_bucket") if count)
@@ -165,14 +160,7 @@ class ReportQueries:
             while ranks and ranks[0][0] <= seen:
                 # the bucket's upper edge: within 1 % above the exact value, never above the max
                 percentiles[ranks.pop(0)[1]] = min(top, bounds.get(lower, lower + 1) - 1)
-        histogram, i = [], 0
-        for bound in [*HISTOGRAM_EDGES_MS, None]:
-            in_bucket = 0
-            while i < len(buckets) and (bound is None or buckets[i][0] < bound):
-                in_bucket += buckets[i][1]
-                i += 1
-            histogram.append((bound, in_bucket))
-        return LagSummary(count, percentiles, top, histogram)
+        return LagSummary(count, percentiles, top, _histogram(buckets))
 
     def customer_totals(self, where: ReportFilter, after: str | None, limit: int) -> list[CustomerTotal]:
         """A page of customers in id order, local vs verified amounts."""
@@ -297,6 +285,19 @@ class ReportQueries:
             .group_by(WebhookTally.outcome, WebhookTally.reason)
         )
         return [(row[0], row[1], int(row[2])) for row in self._session.execute(statement)]
+
+
+def _histogram(counted: list[tuple[int, int]]) -> list[tuple[int | None, int]]:
+    """(lower bound or exact lag in ms, count), in order -> counts below each histogram edge.
+    Rollup buckets never straddle an edge: the edges are bucket bounds too."""
+    histogram, i = [], 0
+    for bound in [*HISTOGRAM_EDGES_MS, None]:
+        in_bar = 0
+        while i < len(counted) and (bound is None or counted[i][0] < bound):
+            in_bar += counted[i][1]
+            i += 1
+        histogram.append((bound, in_bar))
+    return histogram
 
 
 def _within(where: ReportFilter, customer: Any, moment: Any) -> list[ColumnElement[bool]]:

@@ -25,7 +25,7 @@ from storage.sql_ledger import SqlLedger
 from tests.conftest import migrated_sqlite_url
 from tests.daemon import SANDBOX_KEY, Daemon, SandboxProcess
 from tests.test_daemon import stored_events
-from tests.webhooks import TEST_SECRET, envelope, sign
+from tests.webhooks import envelope, sign
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
