@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from storage.engine import make_engine
 from tests.webhooks import TEST_SECRET
 
 SANDBOX_KEY = "sk_sandbox_test"
@@ -141,3 +143,12 @@ class SandboxProcess(Service):
 
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-Api-Key": SANDBOX_KEY}, timeout=15)
+
+
+def stored_events(database_url: str, event_id: str) -> int:
+    """How many rows the ledger holds for `event_id` (exactly once means 1)."""
+    engine = make_engine(database_url)
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT count(*) FROM webhook_event WHERE event_id = :e"), {"e": event_id}).scalar_one()
+    engine.dispose()
+    return int(count)

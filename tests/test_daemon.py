@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from storage.engine import make_engine
 from tests.conftest import BACKENDS, migrated_sqlite_url
-from tests.daemon import Daemon, clean_environment, pacrecon
+from tests.daemon import Daemon, clean_environment, pacrecon, stored_events
 from tests.webhooks import TEST_SECRET, envelope, sign
 
 API_KEY = "sk_live_do_not_log_this_key_42"
@@ -46,14 +46,6 @@ def daemon(daemon_database: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def post(daemon: Daemon, body: bytes, headers: dict[str, str]) -> httpx.Response:
     return httpx.post(f"{daemon.url}/webhooks/pacspace", content=body, headers=headers, timeout=10)
-
-
-def stored_events(database_url: str, event_id: str) -> int:
-    engine = make_engine(database_url)
-    with engine.connect() as connection:
-        count = connection.execute(text("SELECT count(*) FROM webhook_event WHERE event_id = :e"), {"e": event_id}).scalar_one()
-    engine.dispose()
-    return int(count)
 
 
 def test_a_genuine_webhook_is_recorded_once(daemon: Daemon, daemon_database: str) -> None:

@@ -23,8 +23,7 @@ from storage import jsonio
 from storage.models import ReconciliationRun
 from storage.sql_ledger import SqlLedger
 from tests.conftest import migrated_sqlite_url
-from tests.daemon import SANDBOX_KEY, Daemon, SandboxProcess
-from tests.test_daemon import stored_events
+from tests.daemon import SANDBOX_KEY, Daemon, SandboxProcess, stored_events
 from tests.webhooks import envelope, sign
 
 

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from sqlalchemy import text
 
-from storage.engine import make_engine
 from tests.conftest import migrated_sqlite_url
-from tests.daemon import Daemon
+from tests.daemon import Daemon, stored_events
 from tests.webhooks import envelope, sign
 
 TOKEN = "api_token_security_do_not_log_5e1"
@@ -78,14 +76,6 @@ def test_the_right_token_is_let_through(daemon: Daemon) -> None:
         assert response.status_code == 200, response.text
 
 
-def _stored(url: str, event_id: str) -> int:
-    engine = make_engine(url)
-    with engine.connect() as connection:
-        count = connection.execute(text("SELECT count(*) FROM webhook_event WHERE event_id = :e"), {"e": event_id}).scalar_one()
-    engine.dispose()
-    return int(count)
-
-
 def test_a_replayed_webhook_is_refused_once_outside_the_tolerance(daemon: Daemon, ledger_url: str) -> None:
     delivered = envelope(data={"recordId": "a_replayed"})
     captured = sign(delivered)  # an attacker records this request off the wire...
@@ -98,9 +88,9 @@ def test_a_replayed_webhook_is_refused_once_outside_the_tolerance(daemon: Daemon
     for replay in (captured, never_delivered):
         response = httpx.post(url, content=replay.body, headers=replay.headers)
         assert (response.status_code, response.json()["error"]["code"]) == (401, "stale_timestamp")
-    assert _stored(ledger_url, delivered["id"]) == 1
+    assert stored_events(ledger_url, delivered["id"]) == 1
     held_back_id = json.loads(never_delivered.body)["id"]
-    assert _stored(ledger_url, held_back_id) == 0
+    assert stored_events(ledger_url, held_back_id) == 0
     # a timestamp moved forward to look fresh breaks the signature
     forged = dict(never_delivered.headers, **{"X-PacSpace-Timestamp": str(int(time.time()))})
     response = httpx.post(url, content=never_delivered.body, headers=forged)
