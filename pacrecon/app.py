@@ -24,7 +24,7 @@ from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.health import health_routes
 from receiver.openapi import openapi_routes
-from receiver.webhook import WebhookReceiver, webhook_routes
+from receiver.webhook import WebhookFastPath, WebhookReceiver, webhook_routes
 from receiver.webhook_tally import WebhookTally
 from reconciler.errors import PacSpaceError
 from reconciler.outbox import Outbox
@@ -143,7 +143,8 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
         routes=[*routes, *openapi_routes(routes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
-        middleware=[Middleware(StopGate, lifecycle=lifecycle)],
+        # the gate first: a webhook on the fast path is refused and drained like any request
+        middleware=[Middleware(StopGate, lifecycle=lifecycle), Middleware(WebhookFastPath, receiver=receiver)],
     )
     app.state.lifecycle = lifecycle  # for the server: SIGTERM starts the stop sequence
     return app

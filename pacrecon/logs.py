@@ -3,73 +3,83 @@ readable lines on a terminal. Configured secrets are scrubbed from every line.""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
+import orjson
 import structlog
 
 REDACTED = "[redacted]"
 
 
-_PLAIN = frozenset({int, float, bool, type(None)})  # values that cannot hold a secret
-
-
 class SecretScrubber:
-    """Replaces any configured secret found in a log event's values (defence in depth:
-    nothing logs a secret on purpose)."""
+    """Removes every configured secret from a rendered line (the renderer's last step), so a
+    secret is gone from the text itself, wherever it was: a value, a key, a nested
+    container, a traceback. Defence in depth: nothing logs a secret on purpose.
+
+    The line is searched for each secret as it is written raw, repr()-escaped (a `%r` in a
+    message), and either of those JSON-escaped (ASCII or not): the forms a renderer can give
+    it. For the usual secrets all are the same text: one C search per line.
+    """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        forms: set[str] = set()
+        for secret in secrets:
+            if len(secret) >= 4:
+                for text in (secret, repr(secret)[1:-1]):
+                    forms |= {text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
+        self._forms = sorted(forms, key=len, reverse=True)
 
-    def __call__(self, _: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-        if not self._secrets:
-            return event
-        # runs on every line: plain values are skipped by type, strings searched in C;
-        # only a container is walked
-        for key, value in event.items():
-            kind = type(value)
-            if kind is str:
-                for secret in self._secrets:
-                    if secret in value:
-                        event[key] = self._scrub(value)
-                        break
-            elif kind not in _PLAIN:
-                event[key] = self._scrub(value)
-        return event
+    def __call__(self, _: Any, __: str, line: str) -> str:
+        for form in self._forms:
+            if form in line:
+                line = line.replace(form, REDACTED)
+        return line
 
-    def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, dict):
-            return {key: self._scrub(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self._scrub(item) for item in value]
-        return value
+
+def _json_line(value: Any, **options: Any) -> str:
+    """orjson where it can (a fifth of json.dumps' cost, on every line), json.dumps where it
+    cannot (keys that are not strings, integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value, default=options.get("default")).decode("utf-8")
+    except TypeError:
+        return json.dumps(value, **options)
+
+
+_SECOND: list[tuple[int, str]] = [(0, "1970-01-01T00:00:00")]  # the last second's text, swapped whole
+
+
+def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog's `TimeStamper(fmt="iso", utc=True)` format, with the date and time text
+    made once per second instead of once per line (the writer thread logs too: the cached
+    pair is replaced as one tuple, never half)."""
+    now = time.time()
+    second = int(now)
+    cached = _SECOND[0]
+    if cached[0] != second:
+        cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        _SECOND[0] = cached
+    event["timestamp"] = f"{cached[1]}.{int((now - second) * 1_000_000):06d}Z"
+    return event
 
 
 def configure_logging(level: str = "info", fmt: str | None = None, secrets: Iterable[str] = ()) -> None:
     use_json = fmt == "json" or (fmt is None and not sys.stderr.isatty())
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    shared: list[Any] = [structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name, _timestamp]
     renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer(serializer=_json_line) if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     scrubber = SecretScrubber(secrets)
     handler = logging.StreamHandler(sys.stderr)
     # our own lines skip stdlib logging (a LogRecord, findCaller, a formatter: most of a
     # line's cost, and logged on every request); the same stream, the same lock
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, scrubber, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, renderer, scrubber],
         logger_factory=partial(_LineLogger, handler),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=False,  # a later configure_logging (tests) applies everywhere
@@ -79,10 +89,9 @@ def configure_logging(level: str = "info", fmt: str | None = None, secrets: Iter
         foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared, _drop_color_message],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            # tracebacks become text first, so that the scrubber sees them too
             structlog.processors.format_exc_info,
-            scrubber,
             renderer,
+            scrubber,  # last: it reads the rendered line, tracebacks included
         ],
     )
     handler.setFormatter(formatter)

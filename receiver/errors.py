@@ -12,6 +12,7 @@ import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from receiver.signature import SignatureError
 from reconciler.errors import InvalidEvent
@@ -93,3 +94,13 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     ClientDisconnect: _client_disconnect,
     HTTPException: _http_exception,
 }
+
+
+async def answer_error(exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer `exc` as the app's handlers above would: for the routes that are plain ASGI
+    apps (no exception layer between them and uvicorn). Unknown errors are raised on."""
+    handler = next((EXCEPTION_HANDLERS[kind] for kind in type(exc).__mro__ if kind in EXCEPTION_HANDLERS), None)
+    if handler is None:
+        raise exc
+    response = await handler(Request(scope), exc)
+    await response(scope, receive, send)

@@ -1,4 +1,10 @@
-"""`POST /webhooks/pacspace`: verify, parse, record durably, then acknowledge."""
+"""`POST /webhooks/pacspace`: verify, parse, record durably, then acknowledge.
+
+The hot path of the daemon, so it is a plain ASGI app: no Request object, no framework
+layer between uvicorn and the ledger (`WebhookFastPath` puts it in front of Starlette's
+routing). It answers every error it knows itself, in the same shapes as
+`receiver.errors`; anything else goes up to Starlette's 500 handler.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from receiver.body import read_limited_body
-from receiver.errors import RequestError
+from receiver.body import receive_limited_body
+from receiver.errors import RequestError, answer_error
 from receiver.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_signature
 from reconciler.apply import RecordEvent
 from reconciler.errors import InvalidEvent
@@ -22,13 +29,25 @@ from storage.errors import StorageUnavailable
 from storage.ledger import Ledger
 from storage.vocabulary import EventOutcome
 
-log = structlog.get_logger("pacrecon.webhook")
-_ANSWERS = {answer: JSONResponse({"status": answer}).body for answer in ("recorded", "duplicate", "ignored")}
+PATH = "/webhooks/pacspace"
+_SIGNATURE, _TIMESTAMP = SIGNATURE_HEADER.lower().encode("latin-1"), TIMESTAMP_HEADER.lower().encode("latin-1")
+_LENGTH = b"content-length"
+
+
+def _answer(word: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two ASGI messages of a 200 answer, built once (the body JSONResponse renders)."""
+    body = b'{"status":"%s"}' % word.encode("ascii")
+    headers = [(b"content-length", str(len(body)).encode("ascii")), (b"content-type", b"application/json")]
+    return {"type": "http.response.start", "status": 200, "headers": headers}, {"type": "http.response.body", "body": body}
+
+
+_ANSWERS = {word: _answer(word) for word in ("recorded", "duplicate", "ignored")}
 
 
 @dataclass(frozen=True)
 class WebhookReceiver:
-    """What the webhook route needs; built once by the composition root."""
+    """What the webhook route needs; built once by the composition root, after logging is
+    configured (it binds its logger then: one lookup less per request)."""
 
     ledger: Ledger
     secrets: Sequence[str]
@@ -37,50 +56,54 @@ class WebhookReceiver:
     clock: Callable[[], float]
     # told of every delivery: (outcome, reason for a rejection or "", seconds spent)
     observe: Callable[[str, str, float], None] = field(default=lambda outcome, reason, seconds: None)
+    log: Any = field(default_factory=lambda: structlog.get_logger("pacrecon.webhook").bind())
 
-    async def handle(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         outcome, reason = "rejected", "internal_error"
         try:
-            response, outcome = await self._handle(request)
+            start, body, outcome = await self._handle(scope, receive)
             reason = ""
-            return response
-        except (SignatureError, RequestError) as exc:
-            reason = exc.code
-            raise
-        except InvalidEvent:
-            reason = "invalid_payload"
-            raise
-        except StorageUnavailable:
+        except (SignatureError, RequestError, InvalidEvent, ClientDisconnect) as exc:
+            reason = "invalid_payload" if isinstance(exc, InvalidEvent) else getattr(exc, "code", "client_disconnected")
+            await answer_error(exc, scope, receive, send)
+            return
+        except StorageUnavailable as exc:
             outcome, reason = "unavailable", ""
-            raise
+            await answer_error(exc, scope, receive, send)
+            return
         finally:
             self.observe(outcome, reason, time.perf_counter() - started)
+        await send(start)
+        await send(body)
 
-    async def _handle(self, request: Request) -> tuple[Response, str]:
-        raw_body = await read_limited_body(request, self.max_body_bytes)
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[dict[str, Any], dict[str, Any], str]:
+        signature = timestamp = length = None
+        for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
+            if name == _SIGNATURE and signature is None:
+                signature = value.decode("latin-1")
+            elif name == _TIMESTAMP and timestamp is None:
+                timestamp = value.decode("latin-1")
+            elif name == _LENGTH and length is None:
+                length = value.decode("latin-1")
+        raw_body = await receive_limited_body(length, receive, self.max_body_bytes)
         try:
             signature_timestamp = verify_signature(
-                raw_body,
-                request.headers.get(SIGNATURE_HEADER),
-                request.headers.get(TIMESTAMP_HEADER),
-                secrets=self.secrets,
-                tolerance_seconds=self.tolerance_seconds,
-                now=self.clock(),
+                raw_body, signature, timestamp, secrets=self.secrets, tolerance_seconds=self.tolerance_seconds, now=self.clock()
             )
             event = parse_event(raw_body)
         except SignatureError as exc:
-            log.warning("webhook_rejected", reason=exc.code, client=_client(request))
+            self.log.warning("webhook_rejected", reason=exc.code, client=_client(scope))
             raise
         except InvalidEvent:
-            log.warning("webhook_rejected", reason="invalid_payload", client=_client(request))
+            self.log.warning("webhook_rejected", reason="invalid_payload", client=_client(scope))
             raise
         recorded = await self.ledger.transact(
             RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(self.clock(), UTC))
         )
         answer = "duplicate" if recorded.duplicate else "ignored" if recorded.outcome is EventOutcome.IGNORED else "recorded"
         outcome = recorded.outcome.value if recorded.outcome and not recorded.duplicate else "duplicate"
-        log.info(
+        self.log.info(
             "webhook",
             event_id=event.event_id,
             event_type=event.event_type,
@@ -88,13 +111,30 @@ class WebhookReceiver:
             outcome=outcome,
             discrepancies=sorted({f.kind.value for f in recorded.findings}) or None,
         )
-        # the same bytes JSONResponse would render, encoded once
-        return Response(_ANSWERS[answer], media_type="application/json"), outcome
+        return *_ANSWERS[answer], outcome
 
 
-def _client(request: Request) -> str | None:
-    return request.client.host if request.client else None
+def _client(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
 
 
 def webhook_routes(receiver: WebhookReceiver) -> list[Route]:
-    return [Route("/webhooks/pacspace", receiver.handle, methods=["POST"], name="pacspace_webhook")]
+    # the route documents the path and answers 405 for other methods; POSTs arrive
+    # through `WebhookFastPath` and skip the router
+    return [Route(PATH, receiver, methods=["POST"], name="pacspace_webhook")]
+
+
+class WebhookFastPath:
+    """ASGI middleware: `POST /webhooks/pacspace` goes straight to the receiver; the rest
+    on to the app. What the receiver does is the same either way (the route holds the same
+    receiver); only the router's and the exception layer's cost is saved."""
+
+    def __init__(self, app: ASGIApp, receiver: WebhookReceiver) -> None:
+        self.app, self.receiver = app, receiver
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == PATH and not scope.get("root_path"):
+            await self.receiver(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

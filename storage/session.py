@@ -25,6 +25,7 @@ from storage.models import (
     WebhookEvent,
     WebhookTally,
 )
+from storage.driver_sql import EVENT_COLUMNS, statements_for
 from storage.report_queries import ReportQueries
 from storage.rollup_sql import POSTGRES_FOLD
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
@@ -33,7 +34,6 @@ from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 # written out, not bound: SQLite uses the partial index of open discrepancies only then
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
 
-_EVENT_COLUMNS = tuple(c.name for c in WebhookEvent.__table__.columns if c.name != "id")
 @functools.cache
 def _insert_events_statement(dialect: str, returning: str) -> Any:
     """INSERT … ON CONFLICT (event_id) DO NOTHING RETURNING `returning`, built once per dialect.
@@ -44,10 +44,6 @@ def _insert_events_statement(dialect: str, returning: str) -> Any:
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(table.c[returning])
     )
-_ANCHORS_WITH_DELTAS = (
-    select(LocalDelta.anchor_id).where(LocalDelta.anchor_id.in_(bindparam("anchors", expanding=True))).distinct()  # type: ignore[union-attr]
-)
-
 # built once: every webhook looks its deltas up, and a reused statement keeps its cache key
 _DELTAS_BY = {
     column: select(LocalDelta).where(getattr(LocalDelta, column) == bindparam("value")).order_by(LocalDelta.id)
@@ -64,7 +60,9 @@ class LedgerSession:
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._dialect = session.get_bind().dialect.name
+        dialect = session.get_bind().dialect
+        self._dialect = dialect.name
+        self._driver = statements_for(dialect)  # the webhook hot path's statements
 
     @property
     def dialect(self) -> str:
@@ -85,7 +83,7 @@ class LedgerSession:
         Safe against a concurrent insert of the same id in another transaction or
         process: the unique constraint decides, and the loser gets None.
         """
-        values = {name: getattr(event, name) for name in _EVENT_COLUMNS}
+        values = {name: getattr(event, name) for name in EVENT_COLUMNS}
         # one prebuilt Core statement with bound values: building an ORM insert per event
         # (and its cache key) was the writer thread's largest cost under load (bench/RESULTS.md)
         statement = _insert_events_statement(self._dialect, "id")
@@ -108,16 +106,13 @@ class LedgerSession:
         """
         if not rows:
             return set()
-        statement = _insert_events_statement(self._dialect, "event_id")
-        # Core on the session's connection: no ORM objects, no identity map
-        result = self._session.connection().execute(statement, rows)
-        return set(result.scalars())
+        return self._driver.insert_events(self._session, rows)
 
     def anchors_with_deltas(self, anchor_ids: set[str]) -> set[str]:
         """Which of `anchor_ids` at least one local delta has (one query for all of them)."""
         if not anchor_ids:
             return set()
-        return set(self._session.scalars(_ANCHORS_WITH_DELTAS, {"anchors": list(anchor_ids)}))  # type: ignore[arg-type]
+        return self._driver.anchors_with_deltas(self._session, sorted(anchor_ids))
 
     def get_event(self, event_id: str) -> WebhookEvent | None:
         return self._session.scalars(select(WebhookEvent).where(WebhookEvent.event_id == event_id)).first()
