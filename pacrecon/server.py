@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import socket
 import time
@@ -41,6 +42,8 @@ class DaemonServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self.started:
+            _freeze_startup_objects()
         if self.started and self.notifier is not None:
             self.notifier.notify(f"READY=1\nSTATUS=serving on {self.config.host}:{self.config.port}")
             if self.notifier.watchdog_seconds:
@@ -76,6 +79,16 @@ class DaemonServer(uvicorn.Server):
         while True:
             notifier.notify("WATCHDOG=1")
             await asyncio.sleep(seconds)
+
+
+def _freeze_startup_objects() -> None:
+    """Everything alive once the app is up (modules, the ORM's metadata, compiled SQL...) is
+    kept for the process's life: out of the collector's sight, a full collection under load
+    walks only what requests made. Measured: 2-4 ms instead of 70-120 ms per full collection,
+    each of which held every request in flight (bench/RESULTS.md). Startup's garbage is
+    collected first, so none of it is kept."""
+    gc.collect()
+    gc.freeze()
 
 
 def serve_app(app: Starlette, host: str, port: int) -> None:
