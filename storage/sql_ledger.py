@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import TimeoutError as FutureTimeout
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -107,19 +107,52 @@ class SqlLedger:
         self.engine.dispose()
 
     def _commit_batch(self, batch: list[Job]) -> None:
-        done: list[tuple[Job, BaseException | None, Any]] = []
+        jobs = [job for job in batch if job.start()]  # cancelled: nothing to do
+        runs = _runs(jobs)
+        if len(runs) == 1 and len(jobs) > 1 and _batchable(jobs[0].work):
+            # the common case under webhook load: all of one batchable type. No savepoint
+            # around it (a SAVEPOINT and a RELEASE per batch): if it is refused, the whole
+            # transaction is undone and the jobs run again in a new one, each alone
+            if self._commit(jobs, partial(_run_whole, jobs)):
+                return
+            runs = [[job] for job in jobs]
+        self._commit(jobs, lambda session, ledger_session: [o for run in runs for o in _run_group(session, ledger_session, run)])
+
+    def _commit(self, jobs: list[Job], run: Callable[[Session, LedgerSession], list[Outcome]]) -> bool:
+        """`run` in one transaction; every caller told its outcome after the commit, or the
+        failure if there was none. False, with nothing committed and no one told, when
+        `run` refused the batch as a whole."""
         try:
             with self._write_sessions() as session, session.begin():
-                ledger_session = LedgerSession(session)
-                jobs = [job for job in batch if job.start()]  # cancelled: nothing to do
-                for run in _runs(jobs):
-                    outcomes = _run_group(session, ledger_session, run)
-                    done += [(job, error, result) for job, (error, result) in zip(run, outcomes, strict=True)]
+                outcomes = run(session, LedgerSession(session))
+        except _BatchRefused:
+            return False
         except SQLAlchemyError as exc:
             failure = StorageUnavailable(f"commit failed: {_describe(exc)}")
-            resolve_all((job, failure, None) for job in batch)
-            return
-        resolve_all(done)  # only now: the commit has returned
+            resolve_all((job, failure, None) for job in jobs)
+            return True
+        resolve_all((job, error, result) for job, (error, result) in zip(jobs, outcomes, strict=True))  # only now: committed
+        return True
+
+
+class _BatchRefused(Exception):
+    """`run_batch` raised: its writes are undone and its jobs run again, each alone."""
+
+
+def _run_whole(jobs: list[Job], session: Session, ledger_session: LedgerSession) -> list[Outcome]:
+    """The jobs' `run_batch`; `_BatchRefused` if it raised (the caller undoes its writes),
+    unless the transaction itself is gone (then that error, for the whole batch)."""
+    works = [job.work for job in jobs]
+    try:
+        isolated = partial(_run_isolated, session, ledger_session)
+        return type(works[0]).run_batch(ledger_session, works, isolated)  # type: ignore[attr-defined, no-any-return]
+    except DBAPIError as exc:
+        if exc.connection_invalidated or not session.in_transaction():
+            raise
+        log.warning("batch_refused", jobs=len(works), error=_describe(exc))
+    except Exception as exc:
+        log.warning("batch_refused", jobs=len(works), error=repr(exc)[:300])
+    raise _BatchRefused
 
 
 def _runs(jobs: list[Job]) -> list[list[Job]]:
@@ -143,16 +176,11 @@ def _run_group(session: Session, ledger_session: LedgerSession, run: list[Job]) 
     work = run[0].work
     if not _batchable(work):
         return [_run_in_savepoint(session, ledger_session, work)]
-    isolated = partial(_run_isolated, session, ledger_session)
     try:
-        with session.begin_nested():  # a failed batch leaves nothing behind
-            return type(work).run_batch(ledger_session, [job.work for job in run], isolated)  # type: ignore[attr-defined, no-any-return]
-    except DBAPIError as exc:
-        if exc.connection_invalidated or not session.in_transaction():
-            raise
-        log.warning("batch_refused", jobs=len(run), error=_describe(exc))
-    except Exception as exc:
-        log.warning("batch_refused", jobs=len(run), error=repr(exc)[:300])
+        with session.begin_nested():  # a refused batch leaves nothing behind
+            return _run_whole(run, session, ledger_session)
+    except _BatchRefused:
+        pass
     # the batch as a whole was refused: each job alone, so that a bad one fails only itself
     return [_run_in_savepoint(session, ledger_session, job.work) for job in run]
 
