@@ -218,9 +218,9 @@ class Reconciler:
             self._stop_if_asked()
             if not await anyio.to_thread.run_sync(held.still_held):
                 raise PassStopped("the pass lock was lost (its database connection broke)")
-            page = await self.ledger.read(
-                lambda s: [(d.id, d.anchor_id, d.emitted_at) for d in s.unsettled_deltas(cutoff, after, self.page_size)]
-            )
+            kept, page = await self.ledger.read(partial(_next_page, answers=list(answers), cutoff=cutoff, after=after, limit=self.page_size))
+            # the answers later pages need, no more: the pass's memory follows a page, not the stale count
+            answers = {anchor: answers[anchor] for anchor in kept}
             if not page:
                 return opened
             after = (page[-1][2], page[-1][0])
@@ -309,6 +309,14 @@ class Reconciler:
             except PacSpaceError as error:
                 summary.errors += 1
                 log.warning("redelivery_not_requested", event_id=event_id, code=error.code)
+
+
+def _next_page(
+    session: LedgerSession, *, answers: list[str], cutoff: datetime, after: tuple[datetime, int] | None, limit: int
+) -> tuple[set[str], list[tuple[Any, ...]]]:
+    """The anchors of `answers` a later page still has, and the next page: (id, anchor, emitted_at)."""
+    kept = session.unsettled_anchors(answers, cutoff, after) if after is not None else set(answers)
+    return kept, [(d.id, d.anchor_id, d.emitted_at) for d in session.unsettled_deltas(cutoff, after, limit)]
 
 
 # -- the transactions -----------------------------------------------------------------

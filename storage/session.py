@@ -258,6 +258,24 @@ class LedgerSession:
             values.update(after_at=after[0], after_id=after[1])
         return list(self._session.scalars(select(LocalDelta).from_statement(statement), values))
 
+    def unsettled_anchors(self, anchors: Sequence[str], emitted_before: datetime, after: tuple[datetime, int]) -> set[str]:
+        """Which of `anchors` a later page of `unsettled_deltas` (after the keyset `after`)
+        would meet again: one seek per anchor in `ux_local_delta_anchor_item` (SQLite is
+        told it: without statistics it would read every unsettled row)."""
+        if not anchors:
+            return set()
+        hint = " INDEXED BY ux_local_delta_anchor_item" if self._dialect == "sqlite" else ""
+        statement = text(
+            f"SELECT DISTINCT anchor_id FROM local_delta{hint} WHERE anchor_id IN :anchors AND {UNSETTLED_PREDICATE.text}"
+            " AND emitted_at < :before AND (emitted_at, id) > (:after_at, :after_id)"
+        ).bindparams(
+            bindparam("anchors", list(anchors), expanding=True),
+            bindparam("before", emitted_before, type_=UtcDateTime()),
+            bindparam("after_at", after[0], type_=UtcDateTime()),
+            bindparam("after_id", after[1], type_=Integer()),
+        )
+        return set(self._session.scalars(statement))
+
     def totals_by_status(self) -> dict[str, tuple[int, Decimal]]:
         """Per status: how many deltas, and the exact sum of their amounts."""
         parts = exact_sum_parts(LocalDelta.__table__.c.amount, self._dialect)

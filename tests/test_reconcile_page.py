@@ -200,3 +200,42 @@ def test_an_unforeseen_answer_redoes_the_page_one_by_one_and_skips_only_its_delt
     unforeseen = next(d for d in after["deltas"] if d["item_hash"] == H("unforeseen"))
     assert unforeseen["status"] == "QUEUED"
 
+
+def test_each_anchor_is_looked_up_once_though_its_deltas_are_pages_apart(ledger: SqlLedger) -> None:
+    """A pass keeps an answer only while a later page still has a delta of its anchor."""
+    import asyncio
+
+    import httpx
+
+    from reconciler.pacspace import PacSpaceClient, RetryPolicy
+
+    # pages of two: the batch anchor's deltas are in the first and the third page
+    layout = [("b1", "a_batch", 0), ("x1", "a_x1", 1), ("x2", "a_x2", 2), ("x3", "a_x3", 3), ("b2", "a_batch", 4)]
+    batch_root = merkle_root([H("b1"), H("b2")])
+    ledger.transact_sync(lambda s: [
+        s.add_delta(delta(name, anchor_id=anchor, emitted_at=OLD + timedelta(seconds=n), receipt_id=batch_root if anchor == "a_batch" else H(name)))
+        for name, anchor, n in layout
+    ])
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        anchor = request.url.path.rsplit("/", 1)[-1]
+        asked.append(anchor)
+        if anchor == "a_batch":
+            data = {"anchorId": anchor, "status": "ANCHORED", "receiptId": batch_root, "deltas": [
+                {"index": 0, "status": "ANCHORED", "itemHash": H("b1"), "customerId": "cust", "delta": "-42.50"},
+                {"index": 1, "status": "ANCHORED", "itemHash": H("b2"), "customerId": "cust", "delta": "-42.50"},
+            ]}
+        else:
+            data = {"anchorId": anchor, "status": "ANCHORING"}
+        return httpx.Response(200, json={"success": True, "data": data})
+
+    async def go() -> reconcile.PassSummary:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            client = PacSpaceClient(http, "http://pacspace.test", "k", RetryPolicy(attempts=1))
+            reconciler = reconcile.Reconciler(ledger, client, stale_after_seconds=0, stuck_after_seconds=3600, page_size=2)
+            return await reconciler.run_pass()
+
+    summary = asyncio.run(go())
+    assert sorted(a for a in asked if a.startswith("a_")) == ["a_batch", "a_x1", "a_x2", "a_x3"]
+    assert summary.looked_up == 4 and summary.checked == 5 and summary.fixed == 2
