@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from functools import partial
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -73,7 +72,7 @@ def _open_discrepancies_statement(dialect: str) -> Any:
 def discrepancy_row(finding: Discrepancy | dict[str, Any], now: datetime) -> dict[str, Any]:
     """`finding` (a model, or its column values: cheaper to make) as a new open
     discrepancy row, first seen `now` (what `open_discrepancy` inserts)."""
-    values = finding.get if isinstance(finding, dict) else partial(getattr, finding)
+    values = finding.get if isinstance(finding, dict) else functools.partial(getattr, finding)
     row = {name: values(name) for name in _DISCREPANCY_COLUMNS}
     row.update(status=DiscrepancyStatus.OPEN.value, occurrences=1, first_seen_at=now, last_seen_at=now)
     return row
@@ -338,8 +337,9 @@ class LedgerSession:
     # -- discrepancies --------------------------------------------------------
 
     def open_discrepancy(self, finding: Discrepancy | dict[str, Any], now: datetime) -> int:
-        """Open `finding` (a model, or its column values), or, when one of its kind and subject is open already, count
-        one more sighting and keep the newest evidence. Returns the open row's id.
+        """Open `finding` (a model, or its column values), or, when one of its kind and
+        subject is open already, count one more sighting and keep the newest evidence.
+        Returns the open row's id.
 
         Idempotent under concurrency: the partial unique index on open rows decides.
         """
