@@ -15,9 +15,10 @@ Each round measures, one after the other:
          the pass's concurrency, in its own process: the rate to compare against
   small  `pacrecon reconcile --once --json` on a fresh copy of the small ledger
   large  the same on a fresh copy of the large ledger
-Each pass runs as its own process: its peak RSS is the kernel's ru_maxrss of that
-process. Rate = checked / (finished_at - started_at) of the pass's own summary; the
-process's wall time (interpreter start, imports, schema check included) is reported too.
+Each pass runs as its own process: its peak RSS is the kernel's VmHWM of that
+process (bench/common.py run_child: not ru_maxrss, which counts this process too).
+Rate = checked / (finished_at - started_at) of the pass's own summary; the process's
+wall time (interpreter start, imports, schema check included) is reported too.
 Every pass is checked: completed, checked == fixed == STALE, all missing_webhook, the
 run row agrees, and every stale delta is VERIFIED by the reconciler afterwards.
 """

@@ -270,13 +270,22 @@ def _fill(delta: LocalDelta, claim: DeltaClaim) -> None:
         delta.item_hashes = list(claim.item_hashes)
 
 
-def _chain_neighbours(session: LedgerSession, delta: LocalDelta, claim: DeltaClaim) -> ChainNeighbours:
+def chain_sequences(claim: DeltaClaim) -> tuple[str, ...]:
+    """The sequence numbers of the chain neighbours a claim is checked against: the
+    previous one (none before 0), then the following one; none unless it is verified."""
     sequence = claim.sequence_number
     if claim.status is not ClaimedStatus.VERIFIED or sequence is None or not (sequence.isascii() and sequence.isdigit()):
-        return ChainNeighbours()
+        return ()
     number = int(sequence)
-    previous = session.delta_by_sequence(delta.customer_id, str(number - 1)) if number > 0 else None
-    following = session.delta_by_sequence(delta.customer_id, str(number + 1))
+    return (str(number - 1), str(number + 1)) if number > 0 else (str(number + 1),)
+
+
+def _chain_neighbours(session: LedgerSession, delta: LocalDelta, claim: DeltaClaim) -> ChainNeighbours:
+    sequences = chain_sequences(claim)
+    if not sequences:
+        return ChainNeighbours()
+    previous = session.delta_by_sequence(delta.customer_id, sequences[0]) if len(sequences) == 2 else None
+    following = session.delta_by_sequence(delta.customer_id, sequences[-1])
     return ChainNeighbours(
         previous=previous if previous is not delta else None,
         following=following if following is not delta else None,

@@ -212,7 +212,8 @@ class PacSpaceClient:
             try:
                 response = await self._client.request(method, self._base + path, content=body, params=params, headers=headers)
                 self._observe(endpoint, str(response.status_code))
-                error = _error_of(response)
+                payload = _json(response)  # parsed once, for the error and the data
+                error = _error_of(response, payload)
             except httpx.TimeoutException as exc:
                 self._observe(endpoint, "timeout")
                 error = PacSpaceError(None, "TIMEOUT", f"{type(exc).__name__} after the client timeout", retryable=True)
@@ -221,7 +222,7 @@ class PacSpaceClient:
                 error = PacSpaceError(None, "NETWORK_ERROR", type(exc).__name__, retryable=True)
             else:
                 if error is None:
-                    return _data_of(response)
+                    return _data_of(response, payload)
             if not error.retryable or attempt >= self._retry.attempts:
                 raise error
             await self._sleep(self._retry.delay(attempt, error.retry_after, self._rng))
@@ -238,8 +239,7 @@ def _json(response: httpx.Response) -> Any:
         return None
 
 
-def _data_of(response: httpx.Response) -> dict[str, Any]:
-    payload = _json(response)
+def _data_of(response: httpx.Response, payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise PacSpaceError(response.status_code, "INVALID_RESPONSE", "the answer is not a JSON object", retryable=True)
     data = payload.get("data", payload) if payload.get("success", True) is not False else payload
@@ -248,8 +248,7 @@ def _data_of(response: httpx.Response) -> dict[str, Any]:
     return data
 
 
-def _error_of(response: httpx.Response) -> PacSpaceError | None:
-    payload = _json(response)
+def _error_of(response: httpx.Response, payload: Any) -> PacSpaceError | None:
     body = payload if isinstance(payload, dict) else {}
     error = body.get("error") if isinstance(body.get("error"), dict) else body  # older answers: top level
     code = str(error.get("code") or "")

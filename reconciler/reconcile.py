@@ -22,12 +22,13 @@ from typing import Any
 import anyio.to_thread
 import structlog
 
-from reconciler.apply import apply_claim
+from reconciler.apply import CLEARED_BY_SETTLING, apply_claim, chain_sequences
 from reconciler.claims import ClaimedStatus, DeltaClaim, same_hash
 from reconciler.errors import PacSpaceError
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
 from storage.errors import StorageUnavailable
-from storage.models import AuditEntry, Discrepancy, LocalDelta, ReconciliationRun
+from storage.models import Discrepancy, LocalDelta, ReconciliationRun
+from storage.page_session import PageSession
 from storage.pass_lock import Held, exclusive
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
@@ -217,9 +218,9 @@ class Reconciler:
             self._stop_if_asked()
             if not await anyio.to_thread.run_sync(held.still_held):
                 raise PassStopped("the pass lock was lost (its database connection broke)")
-            page = await self.ledger.read(
-                lambda s: [(d.id, d.anchor_id, d.emitted_at) for d in s.unsettled_deltas(cutoff, after, self.page_size)]
-            )
+            kept, page = await self.ledger.read(partial(_next_page, answers=list(answers), cutoff=cutoff, after=after, limit=self.page_size))
+            # the answers later pages need, no more: the pass's memory follows a page, not the stale count
+            answers = {anchor: answers[anchor] for anchor in kept}
             if not page:
                 return opened
             after = (page[-1][2], page[-1][0])
@@ -310,6 +311,14 @@ class Reconciler:
                 log.warning("redelivery_not_requested", event_id=event_id, code=error.code)
 
 
+def _next_page(
+    session: LedgerSession, *, answers: list[str], cutoff: datetime, after: tuple[datetime, int] | None, limit: int
+) -> tuple[set[str], list[tuple[Any, ...]]]:
+    """The anchors of `answers` a later page still has, and the next page: (id, anchor, emitted_at)."""
+    kept = session.unsettled_anchors(answers, cutoff, after) if after is not None else set(answers)
+    return kept, [(d.id, d.anchor_id, d.emitted_at) for d in session.unsettled_deltas(cutoff, after, limit)]
+
+
 # -- the transactions -----------------------------------------------------------------
 
 
@@ -365,9 +374,47 @@ def _apply_page(
     stuck_cutoff: datetime,
     run_id: int | None,
 ) -> PageResult:
-    result = PageResult()
+    """Reconcile a page of deltas, all together in one savepoint; if that raises, the page
+    is rolled back and done again delta by delta, each in its own savepoint, so that an
+    answer we did not foresee skips one delta, not the page."""
     open_before = session.count_open_discrepancies()
-    session.load_deltas(delta_ids)  # the page's rows in one query: get_delta below finds them without another
+    deltas = session.load_deltas(delta_ids)  # the page's rows in one query, held while the page is worked
+    try:
+        with session.savepoint():
+            result = _reconcile_together(PageSession(session, deltas), delta_ids, answers, now, stuck_cutoff, run_id)
+    except StorageUnavailable:
+        raise
+    except Exception as exc:  # NotReadAhead, or an answer we did not foresee
+        log.warning("reconcile_page_redone", deltas=len(delta_ids), error=f"{type(exc).__name__}: {exc}"[:500])
+        result = _reconcile_one_by_one(session, delta_ids, answers, now, stuck_cutoff, run_id)
+    result.opened = session.count_open_discrepancies() - open_before
+    return result
+
+
+def _reconcile_together(
+    page: PageSession, delta_ids: list[int], answers: dict[str, Lookup], now: datetime, stuck_cutoff: datetime, run_id: int | None
+) -> PageResult:
+    result = PageResult()
+    claims: dict[int, DeltaClaim | None] = {}
+    sequences: list[tuple[str, str]] = []
+    for delta in page.deltas:
+        answer = answers.get(delta.anchor_id or "")
+        if isinstance(answer, StatusAnswer) and delta.id is not None:
+            claim = claims[delta.id] = claim_from_status(answer.raw, delta)
+            sequences += [(delta.customer_id, sequence) for sequence in chain_sequences(claim)] if claim else []
+    # not_found_upstream is among the cleared kinds: its sightings decide a resend
+    page.read_ahead(sequences, [kind.value for kind in CLEARED_BY_SETTLING], [f"delta:{delta_id}" for delta_id in delta_ids])
+    for delta_id in delta_ids:
+        _reconcile_delta(page, delta_id, answers, now, stuck_cutoff, run_id, result, claims.get(delta_id))
+    page.write()
+    return result
+
+
+def _reconcile_one_by_one(
+    session: LedgerSession, delta_ids: list[int], answers: dict[str, Lookup], now: datetime, stuck_cutoff: datetime, run_id: int | None
+) -> PageResult:
+    result = PageResult()
+    session.load_deltas(delta_ids)  # again: the rolled-back savepoint expired what it had changed
     for delta_id in delta_ids:
         try:
             with session.savepoint():
@@ -377,7 +424,6 @@ def _apply_page(
         except Exception as exc:  # an answer we did not foresee: this delta is skipped, not the pass
             result.errors += 1
             log.error("reconcile_delta_failed", delta_id=delta_id, error=f"{type(exc).__name__}: {exc}"[:500])
-    result.opened = session.count_open_discrepancies() - open_before
     return result
 
 
@@ -389,7 +435,9 @@ def _reconcile_delta(
     stuck_cutoff: datetime,
     run_id: int | None,
     result: PageResult,
+    claim: DeltaClaim | None = None,
 ) -> None:
+    """`claim`: PacSpace's answer for the delta as a claim, when the caller made it already."""
     delta = session.get_delta(delta_id)
     if delta is None or delta.status not in UNSETTLED_STATUSES:
         return  # a webhook settled it since the page was read
@@ -400,7 +448,7 @@ def _reconcile_delta(
         if answer.status == 404:
             _not_found(session, delta, answer, now, run_id, result)
         return  # other lookup errors are counted once per anchor by the pass
-    claim = claim_from_status(answer.raw, delta)
+    claim = claim or claim_from_status(answer.raw, delta)
     if claim is None:
         _open(session, delta, DiscrepancyKind.UNVERIFIABLE, now, run_id, result,
               {"field": "status", "theirs": answer.status_word[:64], "detail": "PacSpace answered a status we do not know"})
@@ -443,7 +491,7 @@ def _not_found(session: LedgerSession, delta: LocalDelta, error: PacSpaceError, 
     submission = session.get_submission(delta.submission_id) if delta.submission_id else None
     if submission is None:
         return  # imported: we do not hold the body to send again
-    sightings = next((d.occurrences for d in session.open_discrepancies(f"delta:{delta.id}") if d.id == discrepancy_id), 1)
+    sightings = session.occurrences(discrepancy_id)
     if sightings > 1:
         return  # sent again once already; more resends could record it twice once PacSpace forgets the key
     siblings = session.deltas_of_submission(submission.id or 0)
@@ -478,17 +526,18 @@ def _report_orphans(session: LedgerSession, *, cutoff: datetime, now: datetime, 
     return len(events)
 
 
-def _finding(delta: LocalDelta, kind: DiscrepancyKind, run_id: int | None, evidence: dict[str, Any]) -> Discrepancy:
-    return Discrepancy(
-        kind=kind.value,
-        subject=f"delta:{delta.id}",
-        delta_id=delta.id,
-        anchor_id=delta.anchor_id,
-        customer_id=delta.customer_id,
-        run_id=run_id,
-        detected_by=DetectedBy.RECONCILER.value,
-        evidence=evidence,
-    )
+def _finding(delta: LocalDelta, kind: DiscrepancyKind, run_id: int | None, evidence: dict[str, Any]) -> dict[str, Any]:
+    """A discrepancy about `delta`, as column values (cheaper than a model, thousands a pass)."""
+    return {
+        "kind": kind.value,
+        "subject": f"delta:{delta.id}",
+        "delta_id": delta.id,
+        "anchor_id": delta.anchor_id,
+        "customer_id": delta.customer_id,
+        "run_id": run_id,
+        "detected_by": DetectedBy.RECONCILER.value,
+        "evidence": evidence,
+    }
 
 
 def _open(session: LedgerSession, delta: LocalDelta, kind: DiscrepancyKind, now: datetime, run_id: int | None,
@@ -499,10 +548,8 @@ def _open(session: LedgerSession, delta: LocalDelta, kind: DiscrepancyKind, now:
 
 def _audit(session: LedgerSession, action: str, delta: LocalDelta, before: dict[str, Any], run_id: int | None,
            now: datetime, discrepancy_id: int | None) -> None:
-    session.add_audit(
-        AuditEntry(at=now, actor=ACTOR, action=action, run_id=run_id, delta_id=delta.id,
-                   discrepancy_id=discrepancy_id, before=before, after=_state(delta))
-    )
+    session.add_audit({"at": now, "actor": ACTOR, "action": action, "run_id": run_id, "delta_id": delta.id,
+                       "discrepancy_id": discrepancy_id, "before": before, "after": _state(delta)})
 
 
 def _finish_run(session: LedgerSession, *, summary: PassSummary) -> None:

@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, func, literal, select, text, update
+from sqlalchemy import Integer, and_, bindparam, func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -44,6 +44,58 @@ def _insert_events_statement(dialect: str, returning: str) -> Any:
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(table.c[returning])
     )
+
+
+_DISCREPANCY_COLUMNS = tuple(c.name for c in Discrepancy.__table__.columns if c.name != "id")
+
+
+@functools.cache
+def _open_discrepancies_statement(dialect: str) -> Any:
+    """INSERT a discrepancy; when one of its kind and subject is open, count its sightings
+    on that row instead and keep the newest evidence (the partial unique index decides).
+    Built once per dialect; executed with a list of rows, sent as multi-row INSERTs."""
+    table = Discrepancy.__table__
+    statement = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.kind, table.c.subject],
+        index_where=_OPEN_SQL,
+        set_={
+            "occurrences": table.c.occurrences + statement.excluded.occurrences,
+            "last_seen_at": statement.excluded.last_seen_at,
+            "evidence": statement.excluded.evidence,
+            "event_id": func.coalesce(statement.excluded.event_id, table.c.event_id),
+            "run_id": func.coalesce(statement.excluded.run_id, table.c.run_id),
+        },
+    ).returning(table.c.id, table.c.kind, table.c.subject, table.c.status)
+
+
+def discrepancy_row(finding: Discrepancy | dict[str, Any], now: datetime) -> dict[str, Any]:
+    """`finding` (a model, or its column values: cheaper to make) as a new open
+    discrepancy row, first seen `now` (what `open_discrepancy` inserts)."""
+    values = finding.get if isinstance(finding, dict) else functools.partial(getattr, finding)
+    row = {name: values(name) for name in _DISCREPANCY_COLUMNS}
+    row.update(status=DiscrepancyStatus.OPEN.value, occurrences=1, first_seen_at=now, last_seen_at=now)
+    return row
+
+
+def fixed_row(finding: Discrepancy | dict[str, Any], note: str, now: datetime) -> dict[str, Any]:
+    """`finding` as a gap found and fixed at `now`: a row born resolved (what `record_fixed` inserts)."""
+    return discrepancy_row(finding, now) | {"status": DiscrepancyStatus.RESOLVED.value, "resolved_at": now, "resolution_note": note[:2000]}
+
+
+_SEQUENCE_SLOTS_MAX = 512
+
+
+@functools.cache
+def _deltas_by_sequences_statement(slots: int) -> Any:
+    """Deltas at any of `slots` (customer id, sequence number) pairs, bound as c0, s0, c1, …:
+    an OR of one index seek each (a row-value IN is a full scan on SQLite). Built for
+    powers of two only, so that a few statements are compiled once and cached."""
+    return select(LocalDelta).where(
+        or_(*(and_(LocalDelta.customer_id == bindparam(f"c{n}"), LocalDelta.sequence_number == bindparam(f"s{n}")) for n in range(slots)))
+    )
+
+
 # built once: every webhook looks its deltas up, and a reused statement keeps its cache key
 _DELTAS_BY = {
     column: select(LocalDelta).where(getattr(LocalDelta, column) == bindparam("value")).order_by(LocalDelta.id)
@@ -171,6 +223,19 @@ class LedgerSession:
         )
         return self._session.scalars(statement.limit(1)).first()
 
+    def deltas_by_sequences(self, keys: Sequence[tuple[str, str]]) -> list[LocalDelta]:
+        """Every delta whose (customer id, sequence number) is one of `keys`, in one query
+        per 512 keys (each key one seek in `ix_local_delta_customer_sequence`)."""
+        keys = sorted(set(keys))
+        found: list[LocalDelta] = []
+        for start in range(0, len(keys), _SEQUENCE_SLOTS_MAX):
+            chunk = keys[start : start + _SEQUENCE_SLOTS_MAX]
+            slots = 1 << (len(chunk) - 1).bit_length()
+            chunk += chunk[-1:] * (slots - len(chunk))  # a repeated key finds nothing more
+            values = {f"c{n}": customer for n, (customer, _) in enumerate(chunk)} | {f"s{n}": number for n, (_, number) in enumerate(chunk)}
+            found += self._session.scalars(_deltas_by_sequences_statement(slots), values)
+        return found
+
     def unsettled_deltas(self, emitted_before: datetime, after: tuple[datetime, int] | None, limit: int) -> list[LocalDelta]:
         """One page of QUEUED/PROCESSING deltas emitted before `emitted_before`, oldest
         first, after the keyset `(emitted_at, id)` of the previous page's last row.
@@ -191,6 +256,24 @@ class LedgerSession:
             statement = statement.bindparams(bindparam("after_at", type_=UtcDateTime()), bindparam("after_id", type_=Integer()))
             values.update(after_at=after[0], after_id=after[1])
         return list(self._session.scalars(select(LocalDelta).from_statement(statement), values))
+
+    def unsettled_anchors(self, anchors: Sequence[str], emitted_before: datetime, after: tuple[datetime, int]) -> set[str]:
+        """Which of `anchors` a later page of `unsettled_deltas` (after the keyset `after`)
+        would meet again: one seek per anchor in `ux_local_delta_anchor_item` (SQLite is
+        told it: without statistics it would read every unsettled row)."""
+        if not anchors:
+            return set()
+        hint = " INDEXED BY ux_local_delta_anchor_item" if self._dialect == "sqlite" else ""
+        statement = text(
+            f"SELECT DISTINCT anchor_id FROM local_delta{hint} WHERE anchor_id IN :anchors AND {UNSETTLED_PREDICATE.text}"
+            " AND emitted_at < :before AND (emitted_at, id) > (:after_at, :after_id)"
+        ).bindparams(
+            bindparam("anchors", list(anchors), expanding=True),
+            bindparam("before", emitted_before, type_=UtcDateTime()),
+            bindparam("after_at", after[0], type_=UtcDateTime()),
+            bindparam("after_id", after[1], type_=Integer()),
+        )
+        return set(self._session.scalars(statement))
 
     def totals_by_status(self) -> dict[str, tuple[int, Decimal]]:
         """Per status: how many deltas, and the exact sum of their amounts."""
@@ -253,31 +336,26 @@ class LedgerSession:
 
     # -- discrepancies --------------------------------------------------------
 
-    def open_discrepancy(self, finding: Discrepancy, now: datetime) -> int:
-        """Open `finding`, or, when one of its kind and subject is open already, count
-        one more sighting and keep the newest evidence. Returns the open row's id.
+    def open_discrepancy(self, finding: Discrepancy | dict[str, Any], now: datetime) -> int:
+        """Open `finding` (a model, or its column values), or, when one of its kind and
+        subject is open already, count one more sighting and keep the newest evidence.
+        Returns the open row's id.
 
         Idempotent under concurrency: the partial unique index on open rows decides.
         """
-        values = {
-            c.name: getattr(finding, c.name)
-            for c in Discrepancy.__table__.columns
-            if c.name not in ("id",)
-        }
-        values.update(status=DiscrepancyStatus.OPEN.value, occurrences=1, first_seen_at=now, last_seen_at=now)
-        table = Discrepancy.__table__
-        statement = self._insert(Discrepancy).values(**values)
-        statement = statement.on_conflict_do_update(
-            index_elements=[table.c.kind, table.c.subject],
-            index_where=text(f"status = '{DiscrepancyStatus.OPEN.value}'"),
-            set_={
-                "occurrences": table.c.occurrences + 1,
-                "last_seen_at": statement.excluded.last_seen_at,
-                "evidence": statement.excluded.evidence,
-                "event_id": func.coalesce(statement.excluded.event_id, table.c.event_id),
-                "run_id": func.coalesce(statement.excluded.run_id, table.c.run_id),
-            },
-        ).returning(table.c.id)
+        return int(self._session.execute(_open_discrepancies_statement(self._dialect), discrepancy_row(finding, now)).scalar_one())
+
+    def open_discrepancies_together(self, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], int]:
+        """Insert many `discrepancy_row`s in one statement, in order: an open one whose kind and
+        subject is open already counts its `occurrences` as more sightings of that row, as
+        `open_discrepancy` does one by one (no two open rows here may share kind and subject).
+        Returns each row's id by (kind, subject, status)."""
+        returned = self._session.execute(_open_discrepancies_statement(self._dialect), rows)
+        return {(row.kind, row.subject, row.status): row.id for row in returned}
+
+    def occurrences(self, discrepancy_id: int) -> int:
+        """How often the discrepancy `discrepancy_id` has been seen."""
+        statement = select(Discrepancy.occurrences).where(Discrepancy.id == discrepancy_id)
         return int(self._session.execute(statement).scalar_one())
 
     def open_discrepancies(self, subject: str | None = None) -> list[Discrepancy]:
@@ -288,15 +366,26 @@ class LedgerSession:
         statement = statement.order_by(Discrepancy.id).execution_options(populate_existing=True)
         return list(self._session.scalars(statement))
 
-    def record_fixed(self, finding: Discrepancy, note: str, now: datetime) -> int:
+    def open_discrepancies_about(self, kinds: Sequence[str], subjects: Sequence[str]) -> list[Discrepancy]:
+        """The open discrepancies of any of `kinds` about any of `subjects`, in one query
+        on the partial unique index (kind, subject) of open rows: SQLite is told it
+        (`INDEXED BY`), as without statistics it would read every open row of the kinds."""
+        hint = " INDEXED BY ux_discrepancy_open_subject" if self._dialect == "sqlite" else ""
+        statement = text(
+            f"SELECT * FROM discrepancy{hint} WHERE {_OPEN_SQL.text} AND kind IN :kinds AND subject IN :subjects ORDER BY id"
+        ).bindparams(bindparam("kinds", list(kinds), expanding=True), bindparam("subjects", list(subjects), expanding=True))
+        query = select(Discrepancy).from_statement(statement)
+        # the upsert in open_discrepancy bypasses the identity map: never hand out a stale row
+        query = query.execution_options(populate_existing=True)
+        return list(self._session.scalars(query))
+
+    def record_fixed(self, finding: Discrepancy | dict[str, Any], note: str, now: datetime) -> int:
         """Record a gap that was found and fixed in the same breath (e.g. a missing webhook
         whose proofs checked out): a discrepancy row born resolved."""
-        finding.status = DiscrepancyStatus.RESOLVED.value
-        finding.first_seen_at = finding.last_seen_at = finding.resolved_at = now
-        finding.resolution_note = note[:2000]
-        self._session.add(finding)
+        row = Discrepancy(**fixed_row(finding, note, now))
+        self._session.add(row)
         self._session.flush()
-        return int(finding.id or 0)
+        return int(row.id or 0)
 
     def resolve_open(self, kind: str | Sequence[str], subject: str, note: str, now: datetime) -> list[int]:
         """Resolve the open discrepancy of `kind` (or of each of several kinds) about `subject`,
@@ -306,15 +395,8 @@ class LedgerSession:
         a settling delta clears three kinds, and the reconciler settles thousands per pass.
         """
         kinds = [kind] if isinstance(kind, str) else list(kind)
-        statement = (
-            select(Discrepancy)
-            .where(_OPEN_SQL, Discrepancy.kind.in_(kinds), Discrepancy.subject == subject)  # type: ignore[attr-defined]
-            .order_by(Discrepancy.id)
-            # the upsert in open_discrepancy bypasses the identity map: never update a stale row
-            .execution_options(populate_existing=True)
-        )
         resolved = []
-        for row in self._session.scalars(statement):
+        for row in self.open_discrepancies_about(kinds, [subject]):
             row.status, row.resolved_at, row.resolution_note = DiscrepancyStatus.RESOLVED.value, now, note[:2000]
             resolved.append(int(row.id or 0))
         return resolved
@@ -333,8 +415,9 @@ class LedgerSession:
     def get_run(self, run_id: int) -> ReconciliationRun | None:
         return self._session.get(ReconciliationRun, run_id)
 
-    def add_audit(self, entry: AuditEntry) -> None:
-        self._session.add(entry)
+    def add_audit(self, entry: AuditEntry | dict[str, Any]) -> None:
+        """`entry`: the model, or its column values."""
+        self._session.add(AuditEntry(**entry) if isinstance(entry, dict) else entry)
 
     def audit_entries(self, delta_id: int | None = None) -> list[AuditEntry]:
         statement = select(AuditEntry)

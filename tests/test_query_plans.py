@@ -138,6 +138,9 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         (lambda s: s.unsettled_deltas(NOW, (NOW, 5), 100), "ix_local_delta_unsettled"),
         (lambda s: s.delta_by_sequence("cust_7", "7"), "ix_local_delta_customer_sequence"),
         (lambda s: s.resolve_open(["stuck", "unverifiable"], "delta:7", "cleared", NOW), "ux_discrepancy_open_subject"),
+        (lambda s: s.unsettled_anchors([f"a_{n}" for n in range(0, 20_000, 100)], NOW, (NOW, 5)), "ux_local_delta_anchor_item|ix_local_delta_unsettled"),
+        (lambda s: s.deltas_by_sequences([("cust_7", "7"), ("cust_8", "9"), ("cust_9", "9")]), "ix_local_delta_customer_sequence"),
+        (lambda s: s.open_discrepancies_about(["stuck", "unverifiable"], [f"delta:{n}" for n in range(200)]), "ux_discrepancy_open_subject"),
     ],
 )
 def test_lookup_uses_its_index(ledger: SqlLedger, build: Any, index: str) -> None:
