@@ -85,9 +85,8 @@ def _freeze_startup_objects() -> None:
     """Everything alive once the app is up (modules, the ORM's metadata, compiled SQL...) is
     kept for the process's life: out of the collector's sight, a full collection under load
     walks only what requests made. Measured: 2-4 ms instead of 70-120 ms per full collection,
-    each of which held every request in flight (bench/RESULTS.md). Startup's garbage is
-    collected first, so none of it is kept."""
-    gc.collect()
+    each of which held every request in flight (bench/RESULTS.md). No collection first: it
+    found 66 unreachable objects of 115 000 and held the loop ~50 ms before `/readyz`."""
     gc.freeze()
 
 
