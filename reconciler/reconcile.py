@@ -25,6 +25,7 @@ import structlog
 from reconciler.apply import CLEARED_BY_SETTLING, apply_claim, chain_sequences
 from reconciler.claims import ClaimedStatus, DeltaClaim, same_hash
 from reconciler.errors import PacSpaceError
+from reconciler.events import MAX_SEQUENCE
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
 from storage.errors import StorageUnavailable
 from storage.models import Discrepancy, LocalDelta, ReconciliationRun
@@ -351,7 +352,7 @@ def claim_from_status(data: dict[str, Any], delta: LocalDelta) -> DeltaClaim | N
         items_root=_text(data.get("itemsRoot")),
         item_hashes=tuple(h for h in hashes if isinstance(h, str)) if isinstance(hashes, list) else None,
         content_hash=_text(entry.get("itemHash")),
-        sequence_number=_text(entry.get("sequenceNumber")),
+        sequence_number=_sequence(entry.get("sequenceNumber")),
         tx_hash=_text(data.get("txHash")),
         error=_text(entry.get("error")),
     )
@@ -359,6 +360,14 @@ def claim_from_status(data: dict[str, Any], delta: LocalDelta) -> DeltaClaim | N
 
 def _text(value: Any) -> str | None:
     return value[:128] if isinstance(value, str) and value else None
+
+
+def _sequence(value: Any) -> str | None:
+    """A sequence number as webhooks give it (`reconciler.events`): one longer than the column
+    holds is no sequence number of ours (cut short it would name another; stored whole,
+    PostgreSQL refuses the row)."""
+    text = _text(value)
+    return text if text is not None and len(text) <= MAX_SEQUENCE else None
 
 
 def _state(delta: LocalDelta) -> dict[str, Any]:

@@ -188,3 +188,28 @@ def test_lookups_that_all_fail_stop_the_pass(ledger: SqlLedger) -> None:
     add(ledger, delta(1, "a_k"))
     summary = run(ledger, lambda _: httpx.Response(401, json={"success": False, "error": {"code": "INVALID_API_KEY", "message": "no"}}))
     assert summary.status == "failed" and "INVALID_API_KEY" in (summary.error_detail or "")
+
+
+def test_a_status_answer_with_an_over_long_sequence_number_verifies_without_it(ledger: SqlLedger) -> None:
+    """The column holds 64 characters: a longer claimed sequence number is dropped, as a
+    webhook's is, instead of being cut short or refused by PostgreSQL with the whole update."""
+    from reconciler.apply import apply_claim
+    from reconciler.reconcile import claim_from_status
+    from storage.vocabulary import VerifiedBy
+    from tests.test_apply import H, local, register
+
+    (delta_id,) = register(ledger, local(1, sequence_number=None))
+    answer = {"status": "VERIFIED", "anchorId": "a_1", "receiptId": H("item1"), "itemHashes": [H("item1")],
+              "deltas": [{"itemHash": H("item1"), "status": "VERIFIED", "customerId": "cust_1", "delta": "-42.50", "sequenceNumber": "7" * 100}]}
+
+    def verify(session: Any) -> list[Any]:
+        delta = session.get_delta(delta_id)
+        claim = claim_from_status(answer, delta)
+        assert claim is not None and claim.sequence_number is None
+        return apply_claim(session, delta, claim, datetime(2026, 11, 27, 13, tzinfo=UTC), event_id=None, by=VerifiedBy.RECONCILER)
+
+    assert ledger.transact_sync(verify) == []
+    stored = ledger.read_sync(lambda s: s.get_delta(delta_id))
+    assert stored is not None and stored.status == "VERIFIED" and stored.sequence_number is None
+    exact = {**answer, "deltas": [{**answer["deltas"][0], "sequenceNumber": "7" * 64}]}
+    assert claim_from_status(exact, stored).sequence_number == "7" * 64  # type: ignore[union-attr]
