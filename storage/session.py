@@ -218,9 +218,10 @@ class LedgerSession:
         return list(self._session.scalars(_DELTAS_BY["receipt_id"], {"value": receipt_id}))
 
     def delta_by_sequence(self, customer_id: str, sequence_number: str) -> LocalDelta | None:
+        # the lowest id when several share it, as `deltas_by_sequences` gives the page path
         statement = select(LocalDelta).where(
             LocalDelta.customer_id == customer_id, LocalDelta.sequence_number == sequence_number
-        )
+        ).order_by(LocalDelta.id)
         return self._session.scalars(statement.limit(1)).first()
 
     def deltas_by_sequences(self, keys: Sequence[tuple[str, str]]) -> list[LocalDelta]:

@@ -408,3 +408,21 @@ def test_unsettled_deltas_page_through_every_stale_one_once_in_order(ledger: Sql
         seen += [i for _, i in page]
         after = page[-1]
     assert seen == expected and len(expected) == 18
+
+
+def test_a_sequence_number_shared_by_several_deltas_names_the_lowest_id(ledger: SqlLedger) -> None:
+    """As the page path's `deltas_by_sequences` does; on PostgreSQL index order is heap order,
+    and the updated first delta now sits behind the second."""
+    from tests.test_apply import local, register
+
+    first, second = register(ledger, local(1, sequence_number=None), local(2, sequence_number="5"))
+
+    def give_first_the_same(session: LedgerSession) -> None:
+        delta = session.get_delta(first)
+        assert delta is not None
+        delta.sequence_number = "5"
+
+    ledger.transact_sync(give_first_the_same)
+    found = ledger.read_sync(lambda s: s.delta_by_sequence("cust_1", "5"))
+    assert found is not None and found.id == first < second
+    assert sorted(d.id for d in ledger.read_sync(lambda s: s.deltas_by_sequences([("cust_1", "5")]))) == [first, second]
