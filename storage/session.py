@@ -35,14 +35,14 @@ from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
 
 @functools.cache
-def _insert_events_statement(dialect: str, returning: str) -> Any:
-    """INSERT … ON CONFLICT (event_id) DO NOTHING RETURNING `returning`, built once per dialect.
-    Executed with a list of rows, SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues")."""
+def _insert_event_statement(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (event_id) DO NOTHING RETURNING id, built once per dialect (many
+    events at once go through `storage.driver_sql`)."""
     table = WebhookEvent.__table__
     return (
         (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
         .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(table.c[returning])
+        .returning(table.c.id)
     )
 
 
@@ -138,7 +138,7 @@ class LedgerSession:
         values = {name: getattr(event, name) for name in EVENT_COLUMNS}
         # one prebuilt Core statement with bound values: building an ORM insert per event
         # (and its cache key) was the writer thread's largest cost under load (bench/RESULTS.md)
-        statement = _insert_events_statement(self._dialect, "id")
+        statement = _insert_event_statement(self._dialect)
         inserted_id = self._session.execute(statement, values).scalar_one_or_none()
         if inserted_id is None:
             return None

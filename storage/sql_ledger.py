@@ -113,9 +113,9 @@ class SqlLedger:
             # the common case under webhook load: all of one batchable type. No savepoint
             # around it (a SAVEPOINT and a RELEASE per batch): if it is refused, the whole
             # transaction is undone and the jobs run again in a new one, each alone
-            if self._commit(jobs, partial(_run_whole, jobs)):
-                return
-            runs = [[job] for job in jobs]
+            if not self._commit(jobs, partial(_run_whole, jobs)):
+                self._commit(jobs, lambda session, ledger_session: [_run_in_savepoint(session, ledger_session, job.work) for job in jobs])
+            return
         self._commit(jobs, lambda session, ledger_session: [o for run in runs for o in _run_group(session, ledger_session, run)])
 
     def _commit(self, jobs: list[Job], run: Callable[[Session, LedgerSession], list[Outcome]]) -> bool:
