@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 import structlog
@@ -41,13 +41,14 @@ PAGE_SIZE = 200
 REQUEUE_ROUNDS = 4  # lookups PacSpace throttled are tried again this often within a pass
 THROTTLED = frozenset({429, 503})  # "slow down", as opposed to "not there" (network errors, timeouts)
 ORPHAN_PAGE = 1000
+FAILED_DELIVERY_PAGES = 10
+ACTOR = "reconciler"
+Lookup = StatusAnswer | PacSpaceError
+Answer = TypeVar("Answer")
 
 
 class PassStopped(Exception):
     """The pass cannot go on (PacSpace answers no lookup, or the pass lock was lost)."""
-FAILED_DELIVERY_PAGES = 10
-ACTOR = "reconciler"
-Lookup = StatusAnswer | PacSpaceError
 
 
 @dataclass
@@ -248,29 +249,36 @@ class Reconciler:
             opened += result.opened
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
-        results: dict[str, Lookup] = {}
+        summary.looked_up += len(anchors)
+        return await self._ask_each(sorted(anchors), self.client.delta_status, throttle)
+
+    async def _ask_each(
+        self, keys: list[str], ask: Callable[[str], Awaitable[Answer]], throttle: Throttle
+    ) -> dict[str, Answer | PacSpaceError]:
+        """`ask` for every key, `concurrency` at a time; what PacSpace throttled is asked
+        again (up to REQUEUE_ROUNDS rounds) after the shared pause."""
+        results: dict[str, Answer | PacSpaceError] = {}
         slots = asyncio.Semaphore(self.concurrency)
-        waiting = sorted(anchors)
-        summary.looked_up += len(waiting)
+        waiting = keys
         for round_number in range(REQUEUE_ROUNDS):
             throttled: list[str] = []
 
-            async def one(anchor: str) -> None:
+            async def one(key: str) -> None:
                 async with slots:
                     await throttle.wait()
                     try:
-                        results[anchor] = await self.client.delta_status(anchor)
+                        results[key] = await ask(key)
                         throttle.fine()
                     except PacSpaceError as error:
-                        results[anchor] = error
+                        results[key] = error
                         if error.status in THROTTLED:
                             throttle.slow_down(error.retry_after)
-                            throttled.append(anchor)
+                            throttled.append(key)
 
-            await asyncio.gather(*(one(anchor) for anchor in waiting))
+            await asyncio.gather(*(one(key) for key in waiting))
             if not throttled:
                 break
-            log.info("reconcile_throttled", anchors=len(throttled), round=round_number + 1)
+            log.info("reconcile_throttled", keys=len(throttled), round=round_number + 1)
             waiting = throttled
         return results
 
@@ -303,14 +311,18 @@ class Reconciler:
         except PacSpaceError as error:
             summary.errors += 1
             log.warning("failed_deliveries_not_listed", code=error.code)
-        for event_id in event_ids:
-            try:
-                await self.client.retry_webhook(event_id)
-                summary.redeliveries += 1
-            except PacSpaceError as error:
-                summary.errors += 1
-                log.warning("redelivery_not_requested", event_id=event_id, code=error.code)
+        await self.request_redeliveries(event_ids, summary)
 
+    async def request_redeliveries(self, event_ids: list[str], summary: PassSummary) -> None:
+        """POST .../retry for each event, as concurrently as the lookups (up to 1,000 of them
+        one after the other were a tenth of a large pass), waiting out 429/503 as they do."""
+        answers = await self._ask_each(list(dict.fromkeys(event_ids)), self.client.retry_webhook, Throttle(self.clock, self.sleep))
+        for event_id, answer in answers.items():
+            if isinstance(answer, PacSpaceError):
+                summary.errors += 1
+                log.warning("redelivery_not_requested", event_id=event_id, code=answer.code)
+            else:
+                summary.redeliveries += 1
 
 def _next_page(
     session: LedgerSession, *, answers: list[str], cutoff: datetime, after: tuple[datetime, int] | None, limit: int

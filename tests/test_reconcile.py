@@ -187,6 +187,31 @@ def test_a_429_burst_slows_the_pass_and_does_not_fail_it(ledger: SqlLedger, sand
     assert time.monotonic() - started >= 0.5  # it waited the burst out
 
 
+
+def test_redeliveries_are_concurrent_and_wait_out_a_429_burst(ledger: SqlLedger, sandbox: SandboxProcess, upstream: httpx.Client) -> None:
+    import threading
+
+    imported(ledger, upstream, 6, "cust_redeliver")
+    upstream.post("/_sandbox/flush").raise_for_status()
+    failed = upstream.get("/api/v1/balance/webhooks", params={"status": "failed", "limit": 100}).json()["data"]["deliveries"]
+    event_ids = [d["eventId"] for d in failed][:6]
+    assert len(event_ids) == 6
+    upstream.patch("/_sandbox/faults", json={"rate_limit": 1, "retry_after": 0.2}).raise_for_status()
+    lift = threading.Timer(0.5, lambda: upstream.patch("/_sandbox/faults", json={"rate_limit": 0}))
+
+    async def work(client: PacSpaceClient) -> PassSummary:
+        summary = PassSummary(dry_run=False)
+        reconciler = Reconciler(ledger, client, stale_after_seconds=0, stuck_after_seconds=3600, concurrency=4)
+        await reconciler.request_redeliveries(event_ids + event_ids[:2], summary)  # a repeated id is asked once
+        return summary
+
+    started = time.monotonic()
+    lift.start()
+    summary = asyncio.run(_with_client(sandbox, work))
+    lift.join()
+    assert (summary.redeliveries, summary.errors) == (6, 0)
+    assert time.monotonic() - started >= 0.5  # it waited the burst out instead of counting errors
+
 def test_a_dry_run_changes_nothing(ledger: SqlLedger, sandbox: SandboxProcess, upstream: httpx.Client) -> None:
     upstream.patch("/_sandbox/faults", json={"corrupt_status_receipt": 0.5, "fail_deltas": 0.3}).raise_for_status()
     ids = imported(ledger, upstream, 6, "cust_dry")
