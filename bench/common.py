@@ -30,6 +30,7 @@ class ChildRun:
     # set (exec keeps the high-water mark of the address space it replaces), so a bench
     # holding a large ledger in memory made every child look as large as itself.
     max_rss_mb: float
+    cpu_seconds: float = 0.0  # the child's own user + system time (wait4's rusage)
 
 
 def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 1800) -> ChildRun:
@@ -42,7 +43,7 @@ def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
         deadline = started + timeout
         peak_mb = 0.0
         while True:
-            pid, status, _ = os.wait4(process.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
             try:
@@ -51,7 +52,7 @@ def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
                 pass
             if time.perf_counter() > deadline:
                 process.kill()
-                pid, status, _ = os.wait4(process.pid, 0)
+                pid, status, usage = os.wait4(process.pid, 0)
                 break
             time.sleep(0.005)
     wall = time.perf_counter() - started
@@ -62,7 +63,54 @@ def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
         stderr=err_path.read_text(errors="replace"),
         wall_seconds=wall,
         max_rss_mb=peak_mb,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
     )
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system time the processes `pids` have used so far, their reaped children's
+    included (a PostgreSQL backend that exits is counted in its postmaster's)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime: fields 14-17 of stat
+    return total / _TICK
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of process `pid` so far: its main thread (the event loop, in a daemon)
+    apart from its other threads (the ledger's writer among them)."""
+    main = others = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        used = int(fields[11]) + int(fields[12])
+        if int(task.name) == pid:
+            main += used
+        else:
+            others += used
+    return {"main_thread": main / _TICK, "other_threads": others / _TICK}
+
+
+def pids_named(name: str) -> list[int]:
+    """Every running process whose command name is `name` (a PostgreSQL server's backends)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def proc_status_mb(pid: int, field: str) -> float:

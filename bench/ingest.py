@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import cpu_seconds, pids_named, thread_cpu_seconds  # noqa: E402,I001  (bench/ is the script's own directory)
 from storage.engine import make_engine  # noqa: E402
 from storage.schema import upgrade_to_head  # noqa: E402
 from tests.daemon import Daemon, free_port  # noqa: E402
@@ -108,6 +109,16 @@ def run_wrk(url: str, bodies: Path, seconds: float) -> dict[str, float]:
     out["rps"] = out["requests"] / (out["duration_us"] / 1e6)
     out["unanswered"] = out["sent"] - out["ok2xx"] - out["other"]  # in flight when time was up
     return out
+
+
+def cpu_per_request(before: tuple[dict[str, float], float, os.times_result], pid: int, requests: int) -> dict[str, float]:
+    """Microseconds of CPU per request a wrk run cost: the target's event-loop thread, its
+    other threads, the PostgreSQL server, and wrk itself (this process's reaped children)."""
+    threads, postgres, times = thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times()
+    used = {name: threads[name] - before[0][name] for name in threads}
+    used["postgres"] = postgres - before[1]
+    used["wrk"] = (times.children_user + times.children_system) - (before[2].children_user + before[2].children_system)
+    return {name: round(seconds / max(requests, 1) * 1e6, 1) for name, seconds in used.items()}
 
 
 def run_openloop(port: int, bodies: Path, rate: float, seconds: float) -> dict[str, float]:
@@ -204,10 +215,13 @@ def main() -> None:
             write_bodies(bodies, next_id, size)  # the same bodies for every target of this round
             next_id += size
             for target, (url, _) in targets.items():
+                pid = bare.process.pid if target == "bare" else daemons[target].process.pid  # type: ignore[union-attr]
+                before = (thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times())
                 result = run_wrk(url, bodies, args.seconds)
                 result["loadavg"] = os.getloadavg()[0]
+                result["cpu_us_per_request"] = cpu_per_request(before, pid, result["requests"])
                 peaks[target].append(result)
-                print(json.dumps({"round": round_, "target": target, **{k: result[k] for k in ("rps", "p50_us", "p99_us", "ok2xx", "other", "unanswered")}}), flush=True)
+                print(json.dumps({"round": round_, "target": target, **{k: result[k] for k in ("rps", "p50_us", "p99_us", "ok2xx", "other", "unanswered", "cpu_us_per_request")}}), flush=True)
 
         summary: dict[str, dict[str, float]] = {}
         for target, runs in peaks.items():
@@ -216,6 +230,9 @@ def main() -> None:
                 "p50_ms_median": statistics.median(r["p50_us"] for r in runs) / 1000,
                 "p99_ms_median": statistics.median(r["p99_us"] for r in runs) / 1000,
                 "non_2xx": sum(r["other"] for r in runs),
+                "cpu_us_per_request_median": {
+                    part: round(statistics.median(r["cpu_us_per_request"][part] for r in runs), 1) for part in runs[0]["cpu_us_per_request"]
+                },
             }
         for backend in daemons:
             ratios = [b["rps"] / a["rps"] for a, b in zip(peaks["bare"], peaks[backend])]

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from common import REPO, conditions, median, run_child  # noqa: I001  (common puts the repo on sys.path)
+from common import REPO, conditions, cpu_seconds, median, pids_named, run_child  # noqa: I001  (common puts the repo on sys.path)
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -108,8 +108,10 @@ def merged(stale: list[dict[str, Any]], total: int, now: datetime) -> Iterator[d
     return heapq.merge(ledgers.history(total, skip, now), stale, key=lambda row: row["id"])
 
 
-def run_pass(url: str, sandbox: SandboxProcess, rundir: Path, code: Path | None = None) -> dict[str, Any]:
-    """One `pacrecon reconcile --once --json` process; `code`: run another checkout's code."""
+def run_pass(url: str, sandbox: SandboxProcess, rundir: Path, code: Path | None = None, profile: Path | None = None) -> dict[str, Any]:
+    """One `pacrecon reconcile --once --json` process; `code`: run another checkout's code;
+    `profile`: under py-spy, the samples of the thread holding the GIL (where the process's
+    one core of Python goes) written there as collapsed stacks."""
     env = clean_environment(
         PACRECON_DATABASE_URL=url,
         PACRECON_PACSPACE_BASE_URL=sandbox.url,
@@ -120,12 +122,19 @@ def run_pass(url: str, sandbox: SandboxProcess, rundir: Path, code: Path | None 
     if code is not None:
         env["PYTHONPATH"] = str(code)  # ahead of the editable install of this worktree
     rundir.mkdir(exist_ok=True)  # no .env here: the configuration is the environment above
-    child = run_child([sys.executable, "-m", "pacrecon", "reconcile", "--once", "--json"], env, rundir)
+    with CpuOf(sandbox) as others:
+        command = [sys.executable, "-m", "pacrecon", "reconcile", "--once", "--json"]
+        if profile is not None:
+            command = [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "--format", "raw", "--rate", "250", "--output", str(profile),
+                       "--", *command]
+        child = run_child(command, env, rundir)
     if child.returncode != 0:
         raise RuntimeError(f"pass exited {child.returncode}:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
-    summary = json.loads(child.stdout)
+    # the summary is the JSON document in stdout (py-spy prints lines of its own around it)
+    summary, _ = json.JSONDecoder().raw_decode(child.stdout[child.stdout.index("{") :])
     seconds = (datetime.fromisoformat(summary["finished_at"]) - datetime.fromisoformat(summary["started_at"])).total_seconds()
-    return {"summary": summary, "pass_seconds": seconds, "wall_seconds": child.wall_seconds, "max_rss_mb": child.max_rss_mb}
+    return {"summary": summary, "pass_seconds": seconds, "wall_seconds": child.wall_seconds, "max_rss_mb": child.max_rss_mb,
+            "cpu_seconds": {"pass": child.cpu_seconds, **others.used}}
 
 
 def check_pass(url: str, result: dict[str, Any], stale: int) -> None:
@@ -152,15 +161,35 @@ def check_pass(url: str, result: dict[str, Any], stale: int) -> None:
 
 def raw_lookups(sandbox: SandboxProcess, anchors_file: Path, rundir: Path) -> dict[str, Any]:
     rundir.mkdir(exist_ok=True)
-    child = run_child(
-        [sys.executable, str(REPO / "bench" / "raw_lookups.py"), sandbox.url, SANDBOX_KEY, str(anchors_file), str(CONCURRENCY)],
-        clean_environment(),
-        rundir,
-    )
+    with CpuOf(sandbox) as others:
+        child = run_child(
+            [sys.executable, str(REPO / "bench" / "raw_lookups.py"), sandbox.url, SANDBOX_KEY, str(anchors_file), str(CONCURRENCY)],
+            clean_environment(),
+            rundir,
+        )
     if child.returncode != 0:
         raise RuntimeError(f"raw lookups exited {child.returncode}:\n{child.stderr[-4000:]}")
     measured = json.loads(child.stdout)
-    return {"seconds": measured["seconds"], "rate": measured["lookups"] / measured["seconds"], "max_rss_mb": child.max_rss_mb}
+    return {"seconds": measured["seconds"], "rate": measured["lookups"] / measured["seconds"], "max_rss_mb": child.max_rss_mb,
+            "cpu_seconds": {"raw": child.cpu_seconds, **others.used}}
+
+
+class CpuOf:
+    """CPU seconds the sandbox and the PostgreSQL server (every `postgres` process) used
+    while the block ran: with the measured child's own, where the machine's two cores went."""
+
+    def __init__(self, sandbox: SandboxProcess) -> None:
+        assert sandbox.process is not None
+        self.sandbox_pid = sandbox.process.pid
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> CpuOf:
+        self._before = (cpu_seconds([self.sandbox_pid]), cpu_seconds(pids_named("postgres")))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sandbox, postgres = cpu_seconds([self.sandbox_pid]), cpu_seconds(pids_named("postgres"))
+        self.used = {"sandbox": sandbox - self._before[0], "postgres": postgres - self._before[1]}
 
 
 def main() -> None:
@@ -170,6 +199,8 @@ def main() -> None:
     parser.add_argument("--total", type=int, default=1_000_000)
     parser.add_argument("--stale", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--py-spy", type=Path, default=None, dest="py_spy",
+                        help="after the rounds, one more large pass under py-spy (pip install py-spy): its collapsed stacks go here")
     parser.add_argument("--workdir", type=Path, default=None, help="where the SQLite files go (default: a temp dir)")
     parser.add_argument("--baseline-code", type=Path, default=None,
                         help="a checkout of other code (e.g. `git archive` of the previous commit): each round also runs "
@@ -226,6 +257,12 @@ def main() -> None:
                 result["rate_to_raw"] = args.stale / result["pass_seconds"] / measured["raw"]["rate"]
             print(f"round {number + 1}: " + json.dumps(_brief(measured)), file=sys.stderr)
             rounds.append(measured)
+        if args.py_spy is not None:  # not in the figures: the sampler slows the pass down
+            url = databases.create("profiled_run", template="large")
+            try:
+                check_pass(url, run_pass(url, sandbox, workdir / "profiled_run", profile=args.py_spy.resolve()), args.stale)
+            finally:
+                databases.drop("profiled_run")
     finally:
         sandbox.stop()
         databases.drop_all()
@@ -235,11 +272,12 @@ def main() -> None:
 
 
 def _brief(measured: dict[str, Any]) -> dict[str, Any]:
-    brief: dict[str, Any] = {"raw_rate": round(measured["raw"]["rate"]), "loadavg_before": measured["loadavg_before"]}
+    brief: dict[str, Any] = {"raw_rate": round(measured["raw"]["rate"]), "loadavg_before": measured["loadavg_before"],
+                             "raw_cpu_s": {k: round(v, 2) for k, v in measured["raw"]["cpu_seconds"].items()}}
     for size in _sizes(measured):
         r = measured[size]
         brief[size] = {"pass_s": round(r["pass_seconds"], 2), "wall_s": round(r["wall_seconds"], 2), "rss_mb": round(r["max_rss_mb"], 1),
-                       "rate_to_raw": round(r["rate_to_raw"], 3)}
+                       "rate_to_raw": round(r["rate_to_raw"], 3), "cpu_s": {k: round(v, 2) for k, v in r["cpu_seconds"].items()}}
     return brief
 
 

@@ -15,6 +15,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.types import Scope
 
 from pacrecon.lifecycle import Lifecycle, StopGate
 from pacrecon.metrics import Metrics, MetricsEndpoint
@@ -24,6 +25,7 @@ from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.health import health_routes
 from receiver.openapi import openapi_routes
+from receiver.webhook import PATH as WEBHOOK_PATH
 from receiver.webhook import WebhookFastPath, WebhookReceiver, webhook_routes
 from receiver.webhook_tally import WebhookTally
 from reconciler.errors import PacSpaceError
@@ -144,10 +146,20 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
         # the gate first: a webhook on the fast path is refused and drained like any request
-        middleware=[Middleware(StopGate, lifecycle=lifecycle), Middleware(WebhookFastPath, receiver=receiver)],
+        middleware=[
+            Middleware(StopGate, lifecycle=lifecycle, refused=partial(_count_refused_webhook, metrics)),
+            Middleware(WebhookFastPath, receiver=receiver),
+        ],
     )
     app.state.lifecycle = lifecycle  # for the server: SIGTERM starts the stop sequence
     return app
+
+
+def _count_refused_webhook(metrics: Metrics, scope: Scope) -> None:
+    """A delivery the stop gate refused is one PacSpace will retry: counted as unavailable
+    (not in the ledger's tally, whose "unavailable" means the ledger was away)."""
+    if scope.get("path") == WEBHOOK_PATH:
+        metrics.webhook("unavailable", "", 0.0)
 
 
 def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time) -> Reconciler:

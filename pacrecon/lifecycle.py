@@ -92,8 +92,9 @@ class StopGate:
     """ASGI middleware: while stopping, a request that would change something gets 503
     (the sender retries later, or at another replica); the rest is counted as work."""
 
-    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
+    def __init__(self, app: ASGIApp, lifecycle: Lifecycle, refused: Callable[[Scope], None] = lambda scope: None) -> None:
         self.app, self.lifecycle = app, lifecycle
+        self.refused = refused  # told of each request refused while stopping (metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in READ_ONLY_METHODS:
@@ -102,6 +103,7 @@ class StopGate:
         if self.lifecycle.stopping:
             response = error_response(503, "shutting_down", "this instance is shutting down; try again shortly",
                                       {"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"})
+            self.refused(scope)
             await response(scope, receive, send)
             return
         self.lifecycle.begin()

@@ -66,6 +66,9 @@ def test_sigterm_with_a_webhook_in_flight(tmp_path: Path) -> None:
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
         assert refused.headers["Retry-After"]
         assert httpx.get(f"{daemon.url}/healthz", timeout=5).status_code == 200  # alive, just not ready
+        # the refused delivery is counted: PacSpace will retry it, as after a ledger outage
+        metrics = httpx.get(f"{daemon.url}/metrics", timeout=5).text
+        assert 'pacrecon_webhooks_received_total{outcome="unavailable"} 1.0' in metrics.splitlines()
         time.sleep(0.5)
         assert daemon.process.poll() is None and sender.is_alive(), "it stopped without waiting for the webhook"
     finally:
