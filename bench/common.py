@@ -100,6 +100,14 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return {"main_thread": main / _TICK, "other_threads": others / _TICK}
 
 
+def children_of(pid: int) -> list[int]:
+    """The running child processes of `pid` (a daemon's webhook writer process)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def pids_named(name: str) -> list[int]:
     """Every running process whose command name is `name` (a PostgreSQL server's backends)."""
     found = []

@@ -9,6 +9,11 @@ Peak: wrk (closed loop, one thread, CONNECTIONS connections) for ROUNDS rounds, 
 interleaved within each round; medians are reported. Then a fixed-rate open-loop run
 (bench/openloop.py, its own process) at 80 % of each daemon's median peak, and of the
 SQLite rate against the bare app to show the generator keeps up.
+With --process-writer-too, each backend has a second daemon with PACRECON_WEBHOOK_WRITER=process
+(`<backend>_process`), driven the same way, and also open-loop at its thread twin's rate
+(`<backend>_process_at_thread_rate`): the two writers at one rate. Each wrk run reports the CPU
+per request of the target's event-loop thread, its other threads, its child processes, the
+PostgreSQL server and wrk itself.
 Every body is a unique delta.verified event. After the runs each daemon is SIGKILLed and
 its ledger counted: every 2xx must be a row ("recorded"); wrk abandons the requests in flight
 when its time is up, so rows may exceed 2xx by at most those.
@@ -39,7 +44,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import cpu_seconds, pids_named, thread_cpu_seconds  # noqa: E402,I001  (bench/ is the script's own directory)
+from common import children_of, cpu_seconds, pids_named, thread_cpu_seconds  # noqa: E402,I001  (bench/ is the script's own directory)
 from storage.engine import make_engine  # noqa: E402
 from storage.schema import upgrade_to_head  # noqa: E402
 from tests.daemon import Daemon, free_port  # noqa: E402
@@ -111,11 +116,13 @@ def run_wrk(url: str, bodies: Path, seconds: float) -> dict[str, float]:
     return out
 
 
-def cpu_per_request(before: tuple[dict[str, float], float, os.times_result], pid: int, requests: int) -> dict[str, float]:
+def cpu_per_request(before: tuple[dict[str, float], float, os.times_result, float], pid: int, requests: int) -> dict[str, float]:
     """Microseconds of CPU per request a wrk run cost: the target's event-loop thread, its
-    other threads, the PostgreSQL server, and wrk itself (this process's reaped children)."""
+    other threads, its child processes (the webhook writer), the PostgreSQL server, and
+    wrk itself (this process's reaped children)."""
     threads, postgres, times = thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times()
     used = {name: threads[name] - before[0][name] for name in threads}
+    used["child_processes"] = cpu_seconds(children_of(pid)) - before[3]
     used["postgres"] = postgres - before[1]
     used["wrk"] = (times.children_user + times.children_system) - (before[2].children_user + before[2].children_system)
     return {name: round(seconds / max(requests, 1) * 1e6, 1) for name, seconds in used.items()}
@@ -177,8 +184,12 @@ def main() -> None:
     parser.add_argument("--openloop-seconds", type=float, default=10.0)
     parser.add_argument("--only", choices=["sqlite", "postgres"], action="append")
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
+    parser.add_argument("--process-writer-too", action="store_true",
+                        help="also drive a daemon per backend with PACRECON_WEBHOOK_WRITER=process (targets sqlite_process, postgres_process)")
     args = parser.parse_args()
     backends = args.only or ["sqlite", "postgres"]
+    if args.process_writer_too:
+        backends += [f"{b}_process" for b in backends]
     report: dict[str, object] = {"machine": machine(), "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds}
     print(json.dumps(report["machine"]), flush=True)
 
@@ -186,19 +197,21 @@ def main() -> None:
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
         databases: dict[str, str] = {}
-        if "sqlite" in backends:
-            databases["sqlite"] = f"sqlite:///{work / 'ledger.db'}"
-            engine = make_engine(databases["sqlite"])
-            upgrade_to_head(engine)
-            engine.dispose()
-        if "postgres" in backends:
-            name, databases["postgres"] = create_pg_database(args.database_url)
-            stack.callback(drop_pg_database, args.database_url, name)
+        for backend in backends:  # each daemon a database of its own: its rows are counted against its answers
+            if backend.startswith("sqlite"):
+                databases[backend] = f"sqlite:///{work / (backend + '.db')}"
+                engine = make_engine(databases[backend])
+                upgrade_to_head(engine)
+                engine.dispose()
+            else:
+                name, databases[backend] = create_pg_database(args.database_url)
+                stack.callback(drop_pg_database, args.database_url, name)
         bare = BareApp(work)
         stack.callback(bare.stop)
         daemons: dict[str, Daemon] = {}
         for backend, url in databases.items():
-            daemons[backend] = Daemon(url, work / backend if (work / backend).mkdir() is None else work).start()
+            writer = {"PACRECON_WEBHOOK_WRITER": "process" if backend.endswith("_process") else "thread"}
+            daemons[backend] = Daemon(url, work / backend if (work / backend).mkdir() is None else work, **writer).start()
             stack.callback(daemons[backend].stop)
         targets: dict[str, tuple[str, int]] = {"bare": (bare.url, bare.port), **{b: (d.url, d.port) for b, d in daemons.items()}}
 
@@ -216,7 +229,7 @@ def main() -> None:
             next_id += size
             for target, (url, _) in targets.items():
                 pid = bare.process.pid if target == "bare" else daemons[target].process.pid  # type: ignore[union-attr]
-                before = (thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times())
+                before = (thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times(), cpu_seconds(children_of(pid)))
                 result = run_wrk(url, bodies, args.seconds)
                 result["loadavg"] = os.getloadavg()[0]
                 result["cpu_us_per_request"] = cpu_per_request(before, pid, result["requests"])
@@ -241,16 +254,22 @@ def main() -> None:
 
         # open loop at 80 % of each daemon's median peak; the bare app at the SQLite rate checks the generator
         openloop: dict[str, dict[str, float]] = {}
-        plan = [(b, 0.8 * summary[b]["rps_median"]) for b in daemons]
-        plan.insert(1 if "sqlite" in daemons else 0, ("bare", plan[0][1]))
-        for target, rate in plan:
+        plan = [(b, b, 0.8 * summary[b]["rps_median"]) for b in daemons]
+        plan.insert(1 if "sqlite" in daemons else 0, ("bare", "bare", plan[0][2]))
+        # the two writers compared at one rate too: each writer-process daemon at its thread twin's rate
+        plan += [(f"{b}_at_thread_rate", b, 0.8 * summary[b.removesuffix("_process")]["rps_median"]) for b in daemons if b.endswith("_process")]
+        extra: dict[str, int] = {}  # answers of the extra runs, per daemon, for the durability count
+        for name, target, rate in plan:
             count = int(rate * args.openloop_seconds) + 1
             write_bodies(bodies, next_id, count)
             next_id += count
             result = run_openloop(targets[target][1], bodies, rate, args.openloop_seconds)
             result["loadavg"] = os.getloadavg()[0]
-            openloop[target] = result
-            print(json.dumps({"openloop": target, **result}), flush=True)
+            openloop[name] = result
+            if name != target:
+                extra[target] = extra.get(target, 0) + result["ok2xx"]
+                extra[f"{target}:recorded"] = extra.get(f"{target}:recorded", 0) + result["recorded"]
+            print(json.dumps({"openloop": name, **result}), flush=True)
 
         # durability: SIGKILL each daemon, then count its ledger against the 2xx answers it gave
         durability: dict[str, dict[str, int]] = {}
@@ -259,8 +278,9 @@ def main() -> None:
             daemon.process.kill()
             daemon.process.wait()
             runs = peaks[backend]
-            acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs) + openloop[backend]["ok2xx"]
-            recorded = warm[backend]["recorded"] + sum(r["recorded"] for r in runs) + openloop[backend]["recorded"]
+            acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs) + openloop[backend]["ok2xx"] + extra.get(backend, 0)
+            recorded = (warm[backend]["recorded"] + sum(r["recorded"] for r in runs) + openloop[backend]["recorded"]
+                        + extra.get(f"{backend}:recorded", 0))
             unanswered = warm[backend]["unanswered"] + sum(r["unanswered"] for r in runs)
             rows = count_rows(databases[backend])
             durability[backend] = {"acknowledged_2xx": acknowledged, "recorded_answers": recorded, "rows": rows, "unanswered_at_wrk_cutoff": unanswered}

@@ -8,7 +8,9 @@ the scheduler with the outbox and reconcile jobs is up. Each run:
   start-to-ready  from just before the process is spawned (the `pacrecon` console script,
                   as a user types it) to the first 200 from GET /readyz, polled every 10 ms
   idle RSS        VmRSS from /proc after `--idle` seconds of no traffic (the outbox job runs
-                  every 5 s meanwhile), and VmHWM, the peak so far
+                  every 5 s meanwhile), and VmHWM, the peak so far; the daemon's and its
+                  child processes' (the webhook writer) added up, and their PSS (shared
+                  pages counted once: what the two really hold together)
 then SIGTERM. Medians over the runs are printed as JSON.
 """
 
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, conditions, median, proc_status_mb  # noqa: I001  (puts the repo on sys.path)
+from common import REPO, children_of, conditions, median, proc_status_mb  # noqa: I001  (puts the repo on sys.path)
 
 import httpx
 
@@ -53,13 +55,15 @@ def one_run(env: dict[str, str], workdir: Path, idle: float) -> dict[str, Any]:
                     pass
                 time.sleep(POLL_SECONDS)
             ready = time.perf_counter() - started
-            rss_at_ready = proc_status_mb(process.pid, "VmRSS")
+            rss_at_ready = _together(process.pid, "VmRSS")
             time.sleep(idle)
             return {
                 "ready_seconds": ready,
                 "rss_at_ready_mb": rss_at_ready,
-                "idle_rss_mb": proc_status_mb(process.pid, "VmRSS"),
-                "hwm_mb": proc_status_mb(process.pid, "VmHWM"),
+                "idle_rss_mb": _together(process.pid, "VmRSS"),
+                "idle_pss_mb": sum(_pss_mb(pid) for pid in [process.pid, *children_of(process.pid)]),
+                "hwm_mb": _together(process.pid, "VmHWM"),
+                "processes": 1 + len(children_of(process.pid)),
             }
         finally:
             process.send_signal(signal.SIGTERM)
@@ -70,10 +74,23 @@ def one_run(env: dict[str, str], workdir: Path, idle: float) -> dict[str, Any]:
                 process.wait()
 
 
+def _together(pid: int, field: str) -> float:
+    """`field` of the daemon and of its children, added up."""
+    return sum(proc_status_mb(one, field) for one in [pid, *children_of(pid)])
+
+
+def _pss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError("Pss")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds idle before RSS is read")
+    parser.add_argument("--webhook-writer", choices=["thread", "process"], default="thread", help="PACRECON_WEBHOOK_WRITER")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-startup-"))
@@ -87,6 +104,7 @@ def main() -> None:
             PACRECON_PACSPACE_BASE_URL=sandbox.url,
             PACRECON_PACSPACE_API_KEY=SANDBOX_KEY,
             PACRECON_LOG_FORMAT="json",
+            PACRECON_WEBHOOK_WRITER=args.webhook_writer,
         )
         subprocess.run([PACRECON, "migrate"], env=env, cwd=workdir, check=True, capture_output=True)
         runs = []
@@ -99,7 +117,7 @@ def main() -> None:
     figures = {name: median([r[name] for r in runs]) for name in runs[0]}
     figures["ready_seconds_max"] = max(r["ready_seconds"] for r in runs)
     figures["idle_rss_mb_max"] = max(r["idle_rss_mb"] for r in runs)
-    print(json.dumps({"runs": args.runs, "idle_seconds": args.idle, "conditions": before,
+    print(json.dumps({"runs": args.runs, "idle_seconds": args.idle, "webhook_writer": args.webhook_writer, "conditions": before,
                       "loadavg_after": conditions()["loadavg_1_5_15"], "medians": figures,
                       "each": [{k: round(v, 3) for k, v in r.items()} for r in runs], "repo": str(REPO)}, indent=2))
 

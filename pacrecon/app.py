@@ -20,11 +20,13 @@ from starlette.types import Scope
 from pacrecon.lifecycle import Lifecycle, StopGate
 from pacrecon.metrics import Metrics, MetricsEndpoint
 from pacrecon.settings import Settings
+from pacrecon.webhook_writer import ProcessRecorder, WriterConfig
 from receiver.admin import AdminApi
 from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.health import health_routes
 from receiver.openapi import openapi_routes
+from receiver.recorder import LedgerRecorder
 from receiver.webhook import PATH as WEBHOOK_PATH
 from receiver.webhook import WebhookFastPath, WebhookReceiver, webhook_routes
 from receiver.webhook_tally import WebhookTally
@@ -42,12 +44,32 @@ TALLY_FLUSH_SECONDS = 10
 ROLLUP_FOLD_SECONDS = 10  # PostgreSQL's rollup journal is folded in this often (the report reads it meanwhile)
 
 
-def open_ledger(settings: Settings) -> SqlLedger:
+def write_deadline_seconds(settings: Settings) -> float:
     # a write may wait out one lock timeout; the deadline leaves room for that and the commit
-    deadline = max(30.0, 2 * settings.lock_timeout_ms / 1000 + 5)
+    return max(30.0, 2 * settings.lock_timeout_ms / 1000 + 5)
+
+
+def open_ledger(settings: Settings) -> SqlLedger:
     return SqlLedger.from_url(
-        settings.database_url, lock_timeout_ms=settings.lock_timeout_ms, write_deadline_seconds=deadline
+        settings.database_url, lock_timeout_ms=settings.lock_timeout_ms, write_deadline_seconds=write_deadline_seconds(settings)
     )
+
+
+def open_recorder(settings: Settings, ledger: SqlLedger) -> LedgerRecorder | ProcessRecorder:
+    """Where webhooks are written (PACRECON_WEBHOOK_WRITER). The writer process is
+    spawned now: its start overlaps the daemon's own until `wait_until_ready`."""
+    if settings.webhook_writer == "thread":
+        return LedgerRecorder(ledger)
+    config = WriterConfig(
+        database_url=settings.database_url,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+        secrets=tuple(settings.secret_values()),
+    )
+    recorder = ProcessRecorder(config, deadline_seconds=write_deadline_seconds(settings))
+    recorder.spawn()
+    return recorder
 
 
 def open_pacspace(
@@ -63,9 +85,11 @@ def open_pacspace(
     return http, PacSpaceClient(http, settings.pacspace_base_url, settings.pacspace_api_key.get_secret_value(), observe=observe)
 
 
-def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float] = time.time) -> Starlette:
-    """The daemon's ASGI app. It owns `ledger` from here on; its lifespan owns the HTTP
-    client and the scheduler, and closes all three at shutdown."""
+def create_app(
+    settings: Settings, ledger: SqlLedger, recorder: LedgerRecorder | ProcessRecorder, clock: Callable[[], float] = time.time
+) -> Starlette:
+    """The daemon's ASGI app. It owns `ledger` and `recorder` from here on; its lifespan
+    owns the HTTP client and the scheduler, and closes them all at shutdown."""
     metrics, tally = Metrics(), WebhookTally()
 
     def observe_webhook(outcome: str, reason: str, seconds: float) -> None:
@@ -73,7 +97,7 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
         tally.count(outcome, reason, clock)
 
     receiver = WebhookReceiver(
-        ledger=ledger,
+        recorder=recorder,
         secrets=tuple(s.get_secret_value() for s in settings.webhook_secrets),
         tolerance_seconds=settings.webhook_tolerance_seconds,
         max_body_bytes=settings.max_body_bytes,
@@ -122,11 +146,15 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        if isinstance(recorder, ProcessRecorder):
+            await recorder.start()  # it said it was ready: the event loop takes its socket over
         scheduler.start()
         try:
             yield
         finally:
             scheduler.shutdown(wait=False)
+            if isinstance(recorder, ProcessRecorder):
+                await recorder.close()  # the webhooks in flight were drained through it
             with contextlib.suppress(StorageUnavailable):
                 await tally.flush(ledger)
             await http.aclose()
@@ -135,7 +163,7 @@ def create_app(settings: Settings, ledger: SqlLedger, clock: Callable[[], float]
 
     admin = AdminApi(ledger=ledger, token=settings.admin_token, start_pass=start_pass, clock=clock)
     routes = [
-        *health_routes(ledger, lambda: lifecycle.stopping),
+        *health_routes(ledger, lambda: lifecycle.stopping, recorder.check),
         *webhook_routes(receiver),
         *deltas.routes(),
         *admin.routes(),

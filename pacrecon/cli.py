@@ -156,25 +156,30 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
-    from pacrecon.app import create_app, open_ledger
+    from pacrecon.app import create_app, open_ledger, open_recorder
     from pacrecon.logs import configure_logging
     from pacrecon.server import serve_app
+    from pacrecon.webhook_writer import ProcessRecorder
     from storage.errors import SchemaNotCurrent, StorageUnavailable
 
     if not settings.webhook_secrets:
         raise ConfigurationError("PACRECON_WEBHOOK_SECRETS: serve needs at least one webhook secret (comma-separated)")
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     ledger = open_ledger(settings)
+    recorder = open_recorder(settings, ledger)
     try:
         ledger.check_schema()
-    except SchemaNotCurrent as exc:
+        if isinstance(recorder, ProcessRecorder):
+            recorder.wait_until_ready()
+    except (SchemaNotCurrent, StorageUnavailable) as exc:
+        if isinstance(recorder, ProcessRecorder):
+            recorder.stop_now()
         ledger.close()
-        raise Refusal(str(exc)) from None
-    except StorageUnavailable as exc:
-        ledger.close()
+        if isinstance(exc, SchemaNotCurrent):
+            raise Refusal(str(exc)) from None
         print(f"pacrecon: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    serve_app(create_app(settings, ledger), settings.host, settings.port)
+    serve_app(create_app(settings, ledger, recorder), settings.host, settings.port)
     return 0
 
 

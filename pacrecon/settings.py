@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] | None = None  # None: console on a terminal, else JSON
     lock_timeout_ms: int = Field(5_000, ge=1, le=600_000)
+    # "thread": webhooks are written by the daemon's own ledger writer thread (one process);
+    # "process": by a child process of the daemon (its own GIL: more webhooks a second,
+    # for about 45 MB more memory; bench/RESULTS.md)
+    webhook_writer: Literal["thread", "process"] = "thread"
 
     @classmethod
     def settings_customise_sources(

@@ -1,5 +1,6 @@
 """`/healthz` (the process answers; no database, so a database outage restarts nothing) and
-`/readyz` (the ledger is reachable and migrated, and the process is not stopping)."""
+`/readyz` (the ledger is reachable and migrated, webhooks can be recorded, and the process
+is not stopping)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ async def healthz(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def readiness_route(ledger: Ledger, stopping: Callable[[], bool] = lambda: False) -> Route:
+def readiness_route(ledger: Ledger, stopping: Callable[[], bool] = lambda: False, can_record: Callable[[], None] = lambda: None) -> Route:
     async def readyz(_: Request) -> Response:
         if stopping():
             return error_response(503, "shutting_down", "this instance is shutting down")
         try:
+            can_record()  # the webhook writer (StorageUnavailable while it is being restarted)
             revision = await anyio.to_thread.run_sync(ledger.check_schema)
         except StorageUnavailable as exc:
             return error_response(503, "storage_unavailable", str(exc))
@@ -34,5 +36,5 @@ def readiness_route(ledger: Ledger, stopping: Callable[[], bool] = lambda: False
     return Route("/readyz", readyz, methods=["GET"])
 
 
-def health_routes(ledger: Ledger, stopping: Callable[[], bool] = lambda: False) -> list[Route]:
-    return [Route("/healthz", healthz, methods=["GET"]), readiness_route(ledger, stopping)]
+def health_routes(ledger: Ledger, stopping: Callable[[], bool] = lambda: False, can_record: Callable[[], None] = lambda: None) -> list[Route]:
+    return [Route("/healthz", healthz, methods=["GET"]), readiness_route(ledger, stopping, can_record)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -21,12 +20,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.body import receive_limited_body
 from receiver.errors import RequestError, answer_error
+from receiver.recorder import Recorder
 from receiver.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_signature
-from reconciler.apply import RecordEvent
 from reconciler.errors import InvalidEvent
 from reconciler.events import parse_event
 from storage.errors import StorageUnavailable
-from storage.ledger import Ledger
 from storage.vocabulary import EventOutcome
 
 PATH = "/webhooks/pacspace"
@@ -49,7 +47,7 @@ class WebhookReceiver:
     """What the webhook route needs; built once by the composition root, after logging is
     configured (it binds its logger then: one lookup less per request)."""
 
-    ledger: Ledger
+    recorder: Recorder
     secrets: Sequence[str]
     tolerance_seconds: int
     max_body_bytes: int
@@ -98,18 +96,16 @@ class WebhookReceiver:
         except InvalidEvent:
             self.log.warning("webhook_rejected", reason="invalid_payload", client=_client(scope))
             raise
-        recorded = await self.ledger.transact(
-            RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(self.clock(), UTC))
-        )
-        answer = "duplicate" if recorded.duplicate else "ignored" if recorded.outcome is EventOutcome.IGNORED else "recorded"
-        outcome = recorded.outcome.value if recorded.outcome and not recorded.duplicate else "duplicate"
+        stored = await self.recorder.record(event, raw_body, signature_timestamp, self.clock())
+        answer = "duplicate" if stored.duplicate else "ignored" if stored.outcome is EventOutcome.IGNORED else "recorded"
+        outcome = stored.outcome.value if stored.outcome and not stored.duplicate else "duplicate"
         self.log.info(
             "webhook",
             event_id=event.event_id,
             event_type=event.event_type,
-            anchor_id=recorded.anchor_id,
+            anchor_id=stored.anchor_id,
             outcome=outcome,
-            discrepancies=sorted({f.kind.value for f in recorded.findings}) or None,
+            discrepancies=list(stored.finding_kinds) or None,
         )
         return *_ANSWERS[answer], outcome
 

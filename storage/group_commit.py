@@ -76,6 +76,15 @@ def _settle(future: Future[Any], error: BaseException | None, result: Any) -> No
         pass
 
 
+def commit_jobs(commit_batch: Callable[[list[Job]], None], batch: list[Job]) -> None:
+    """`commit_batch(batch)`; whatever it raises, every job it left unresolved is told."""
+    try:
+        commit_batch(batch)
+    except BaseException as exc:  # the caller (a writer thread) must outlive any one batch
+        failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(f"writer failed: {exc!r}")
+        resolve_all((job, failure, None) for job in batch)  # a resolved one stays as it was
+
+
 class GroupCommitWriter:
     def __init__(self, commit_batch: Callable[[list[Job]], None], *, max_batch: int) -> None:
         self._commit_batch = commit_batch
@@ -134,10 +143,7 @@ class GroupCommitWriter:
                 batch.append(job)
             self._batch_started = time.monotonic()
             try:
-                self._commit_batch(batch)
-            except BaseException as exc:  # the thread must outlive any one batch
-                failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(f"writer failed: {exc!r}")
-                resolve_all((job, failure, None) for job in batch)  # a resolved one stays as it was
+                commit_jobs(self._commit_batch, batch)
             finally:
                 self._batch_started = None
             if stop:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.batch import Outcome
 from storage.engine import make_engine
 from storage.errors import SchemaNotCurrent, StorageUnavailable
-from storage.group_commit import GroupCommitWriter, Job, resolve_all
+from storage.group_commit import GroupCommitWriter, Job, commit_jobs, resolve_all
 from storage.ledger import Work
 from storage.schema import current_revision, head_revision
 from storage.session import LedgerSession
@@ -69,6 +70,14 @@ class SqlLedger:
     def _expire(self, waiter: asyncio.Future[Any]) -> None:
         if not waiter.done():
             waiter.set_exception(self._late())
+
+    def commit_here(self, works: Sequence[Work[Any]]) -> list[Future[Any]]:
+        """`works` committed as one batch of the writer, in the calling thread, now: for a
+        process whose one task is these writes (no hand-off to the writer thread and back).
+        Each future is resolved when this returns, with its result or its failure."""
+        jobs = [Job(work) for work in works]
+        commit_jobs(self._commit_batch, jobs)
+        return [job.future for job in jobs if job.future is not None]
 
     def transact_sync(self, work: Work[T]) -> T:
         try:

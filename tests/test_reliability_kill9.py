@@ -36,12 +36,14 @@ def stored_ids(url: str) -> list[str]:
     return ids
 
 
-def test_every_acknowledged_event_survives_kill_9_round_after_round(ledger_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_every_acknowledged_event_survives_kill_9_round_after_round(ledger_url: str, tmp_path: Path, writer: str) -> None:
     acknowledged: set[str] = set()
     bodies: dict[str, bytes] = {}
     unanswered: set[str] = set()  # sent, but the daemon died before it answered
     for round_ in range(ROUNDS):
-        daemon = Daemon(ledger_url, tmp_path).start()  # the restart recovers the ledger the kill left behind
+        # the restart recovers the ledger the kill left behind (and a writer process the kill orphaned leaves)
+        daemon = Daemon(ledger_url, tmp_path, PACRECON_WEBHOOK_WRITER=writer).start()
         with WebhookLoad(daemon.url, threads=4, until_gone=True) as load:
             time.sleep(1.5)
             assert daemon.process is not None

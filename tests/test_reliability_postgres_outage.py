@@ -45,11 +45,12 @@ def _wait_for(condition, seconds: float, what: str) -> None:  # type: ignore[no-
         time.sleep(0.1)
 
 
-def test_postgres_stopped_under_load_is_503_then_recovers_without_a_restart(cluster: PrivateCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_postgres_stopped_under_load_is_503_then_recovers_without_a_restart(cluster: PrivateCluster, tmp_path: Path, writer: str) -> None:
     engine = make_engine(cluster.url)
     upgrade_to_head(engine)
     engine.dispose()
-    daemon = Daemon(cluster.url, tmp_path, PACRECON_LOCK_TIMEOUT_MS="1000").start()
+    daemon = Daemon(cluster.url, tmp_path, PACRECON_LOCK_TIMEOUT_MS="1000", PACRECON_WEBHOOK_WRITER=writer).start()
     assert daemon.process is not None
     pid = daemon.process.pid
     try:

@@ -1,0 +1,379 @@
+"""The webhook writer process: the daemon's event loop hands each verified webhook to a
+child process that records it with a ledger of its own (group commit, as in-process).
+
+Why a process: under webhook load one GIL was the limit. The ledger's writer thread
+needed about a third of the event loop's CPU per webhook again (bench/RESULTS.md), and
+each of its turns at the GIL waited for the loop's. Here the HTTP side and the SQL side
+each have a core's worth of Python.
+
+Protocol, over a socketpair, frames of a 4-byte big-endian length and a pickle (it only
+ever crosses between these two processes; the body travels as bytes inside it):
+  parent -> child: a `WriterConfig` once, then (job, raw body, signature timestamp, received at)
+  child -> parent: ("ready", pid) once, then (job, None, stored fields) or (job, error, None)
+The child answers a job only after the commit that holds it returned.
+
+Failures: when the child is gone (its end of the socket closes), every webhook waiting
+for it is answered StorageUnavailable (503: PacSpace delivers again, and an event the
+child had committed is then a duplicate), and a new child is started. The child ignores
+SIGTERM and SIGINT (a service manager or a terminal signals the whole group, and the
+daemon drains its webhooks through the child first); it exits when the daemon closes
+its end, or dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import structlog
+
+from receiver.recorder import Stored
+from reconciler.events import PacSpaceEvent
+from storage.errors import StorageUnavailable
+from storage.vocabulary import EventOutcome
+
+log = structlog.get_logger("pacrecon.webhook_writer")
+
+_HEADER = struct.Struct(">I")
+START_SECONDS = 30.0  # from spawning the child to its "ready" (it opens the database)
+STOP_SECONDS = 30.0  # for the child to commit what it holds and exit, once told to
+RESTART_FIRST_SECONDS, RESTART_MAX_SECONDS = 0.5, 30.0
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    database_url: str
+    lock_timeout_ms: int
+    log_level: str
+    log_format: str | None
+    secrets: tuple[str, ...]  # for the child's log scrubber, as the daemon's
+
+    def __repr__(self) -> str:  # never the URL (it may hold a password) or the secrets
+        return f"WriterConfig(log_level={self.log_level!r})"
+
+
+def _frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def _frames(buffer: bytearray) -> list[Any]:
+    """The whole frames at the start of `buffer`, unpickled; they are cut off it."""
+    messages, offset = [], 0
+    while len(buffer) - offset >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buffer, offset)
+        end = offset + _HEADER.size + size
+        if len(buffer) < end:
+            break
+        messages.append(pickle.loads(bytes(buffer[offset + _HEADER.size : end])))
+        offset = end
+    del buffer[:offset]
+    return messages
+
+
+# -- the daemon's side -----------------------------------------------------------------
+
+
+class ProcessRecorder:
+    """`receiver.recorder.Recorder` through the writer process. `spawn()` early (the
+    child's imports run beside the daemon's own), `start()` in the app's lifespan."""
+
+    def __init__(self, config: WriterConfig, *, deadline_seconds: float) -> None:
+        self._config = config
+        # past this a webhook is answered 503 (never 2xx): a child that stops answering
+        # without dying must not hold requests forever; it may still commit, unacknowledged
+        self._deadline = deadline_seconds
+        self._child: subprocess.Popen[bytes] | None = None
+        self._socket: socket.socket | None = None  # the daemon's end, until the loop owns it
+        self._transport: asyncio.Transport | None = None
+        self._ready: asyncio.Future[int] | None = None
+        self._ready_pid: int | None = None  # "ready" read before the event loop took the socket
+        self._pending: dict[int, asyncio.Future[Stored]] = {}
+        self._next_job = 0
+        self._out: list[bytes] = []  # frames written at the end of this turn of the loop, together
+        self._flush_scheduled = False
+        self._up = False
+        self._closing = False
+        self._restarter: asyncio.Task[None] | None = None
+
+    def spawn(self) -> None:
+        parent_end, child_end = socket.socketpair()
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "pacrecon.webhook_writer", str(child_end.fileno())],
+                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        parent_end.sendall(_frame(self._config))  # small: the socket's buffer holds it
+        self._socket = parent_end
+
+    def wait_until_ready(self) -> None:
+        """Block until the spawned child says it is ready (before the event loop runs);
+        StorageUnavailable if it does not get there."""
+        assert self._socket is not None
+        self._socket.settimeout(START_SECONDS)
+        buffer = bytearray()
+        try:
+            while not (messages := _frames(buffer)):
+                chunk = self._socket.recv(4096)
+                if not chunk:
+                    raise StorageUnavailable("the webhook writer process exited before it was ready")
+                buffer += chunk
+        except TimeoutError:
+            raise StorageUnavailable(f"the webhook writer process was not ready within {START_SECONDS:g} s") from None
+        finally:
+            self._socket.settimeout(None)
+        self._ready_pid = int(messages[0][1])  # nothing else comes before a job is sent
+
+    async def start(self) -> None:
+        """Hand the child's socket to the event loop, once it is ready (waited for here
+        unless `wait_until_ready` did); StorageUnavailable if it does not get there."""
+        assert self._socket is not None
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        if self._ready_pid is not None:
+            self._ready.set_result(self._ready_pid)
+        connection, self._socket = self._socket, None
+        connection.setblocking(False)
+        self._transport, _ = await loop.create_unix_connection(partial(_Replies, self), sock=connection)
+        try:
+            pid = await asyncio.wait_for(asyncio.shield(self._ready), START_SECONDS)
+        except TimeoutError:
+            self._transport.close()
+            raise StorageUnavailable(f"the webhook writer process was not ready within {START_SECONDS:g} s") from None
+        self._up, self._ready_pid = True, None
+        log.info("webhook_writer_ready", pid=pid)
+
+    def stop_now(self) -> None:
+        """Before the event loop runs (the daemon does not start after all): the child goes."""
+        if self._socket is not None:
+            self._socket.close()
+        if self._child is not None:
+            try:
+                self._child.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+
+    async def record(self, event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
+        # the child parses the body again (it was verified here): cheaper than sending the event
+        if not self._up:
+            raise StorageUnavailable("the webhook writer process is not running (it is being restarted)")
+        job = self._next_job = self._next_job + 1
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Stored] = loop.create_future()
+        self._pending[job] = waiter
+        self._out.append(_frame((job, raw_body, signature_timestamp, received_at)))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        timer = loop.call_later(self._deadline, self._expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            del self._pending[job]
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
+        # else: the child is gone, and `_lost` answers every waiting webhook
+
+    def _expire(self, waiter: asyncio.Future[Stored]) -> None:
+        if not waiter.done():
+            waiter.set_exception(StorageUnavailable(f"the webhook was not committed within {self._deadline:g} s"))
+
+    def check(self) -> None:
+        if not self._up:
+            raise StorageUnavailable("the webhook writer process is not running")
+
+    def _reply(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(int(message[1]))
+            return
+        job, error, fields = message
+        waiter = self._pending.get(job)
+        if waiter is None or waiter.done():  # timed out meanwhile
+            return
+        if error is not None:
+            waiter.set_exception(StorageUnavailable(error))
+        else:
+            duplicate, outcome, anchor_id, kinds = fields
+            waiter.set_result(Stored(duplicate, EventOutcome(outcome) if outcome else None, anchor_id, tuple(kinds)))
+
+    def _lost(self) -> None:
+        self._up, self._transport = False, None
+        failure = StorageUnavailable("the webhook writer process stopped")
+        for waiter in self._pending.values():
+            if not waiter.done():
+                waiter.set_exception(failure)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(StorageUnavailable("the webhook writer process stopped before it was ready"))
+        if not self._closing and self._restarter is None:
+            log.error("webhook_writer_lost", pid=self._child.pid if self._child else None)
+            self._restarter = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        delay = RESTART_FIRST_SECONDS
+        try:
+            while not self._closing:
+                await self._reap(timeout=5.0)
+                await asyncio.sleep(delay)
+                try:
+                    self.spawn()
+                    await self.start()
+                    return
+                except (OSError, StorageUnavailable) as exc:
+                    log.error("webhook_writer_restart_failed", error=str(exc), retry_in_seconds=delay)
+                    delay = min(delay * 2, RESTART_MAX_SECONDS)
+        finally:
+            self._restarter = None
+
+    async def _reap(self, timeout: float) -> int | None:
+        """Wait for the child to exit (killed after `timeout`); its exit status."""
+        child = self._child
+        if child is None:
+            return None
+        try:
+            code = await asyncio.to_thread(child.wait, timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = await asyncio.to_thread(child.wait)
+        log.info("webhook_writer_exited", pid=child.pid, exit_code=code)
+        return code
+
+    async def close(self) -> None:
+        """Let the child commit what it holds and exit (killed after STOP_SECONDS)."""
+        self._closing = True
+        if self._restarter is not None:
+            self._restarter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restarter
+        if self._transport is not None:
+            self._transport.close()  # what is buffered is written first; then the child reads EOF
+        if self._socket is not None:
+            self._socket.close()
+        await self._reap(timeout=STOP_SECONDS)
+
+
+class _Replies(asyncio.Protocol):
+    def __init__(self, owner: ProcessRecorder) -> None:
+        self._owner = owner
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        for message in _frames(self._buffer):
+            self._owner._reply(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._lost()
+
+
+# -- the child -----------------------------------------------------------------------
+
+
+def _batches(connection: socket.socket) -> Iterator[list[Any]]:
+    """The messages the daemon sent, as many at a time as have arrived: waits for the
+    first, takes the rest without waiting. Ends when the daemon closes its end or dies
+    (a frame it left half-sent was never acknowledged to anyone: dropped)."""
+    buffer = bytearray()
+    while True:
+        chunk = connection.recv(1 << 20)
+        if not chunk:
+            return
+        buffer += chunk
+        closed = False
+        while True:
+            try:
+                chunk = connection.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not chunk:
+                closed = True
+                break
+            buffer += chunk
+        messages = _frames(buffer)
+        if messages:
+            yield messages
+        if closed:
+            return
+
+
+def _reply(job: int, future: Future[Any]) -> bytes:
+    try:
+        stored = Stored.of(future.result())
+    except StorageUnavailable as exc:
+        return _frame((job, str(exc), None))
+    except Exception as exc:  # a bug: answered 503, logged here, never a 2xx
+        log.error("webhook_not_recorded", job=job, error=f"{type(exc).__name__}: {exc}"[:500])
+        return _frame((job, f"recording failed: {type(exc).__name__}", None))
+    return _frame((job, None, (stored.duplicate, stored.outcome.value if stored.outcome else None, stored.anchor_id, stored.finding_kinds)))
+
+
+def main(descriptor: int) -> int:
+    """One thread does it all, in a loop: take every webhook that has arrived, commit them
+    as one batch (group commit: one fsync), answer them in one write. While it commits,
+    the next batch gathers in the socket. No thread hands work to another here, so no
+    turn at the GIL is ever waited for."""
+    # imported here: the daemon's side needs none of it
+    from pacrecon.logs import configure_logging
+    from reconciler.apply import RecordEvent
+    from reconciler.errors import InvalidEvent
+    from reconciler.events import parse_event
+    from storage.sql_ledger import MAX_BATCH, SqlLedger
+
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    connection = socket.socket(fileno=descriptor)
+    batches = _batches(connection)
+    [config, *_] = next(batches)  # nothing else comes before "ready" is sent
+    configure_logging(config.log_level, config.log_format, list(config.secrets))
+    ledger = SqlLedger.from_url(config.database_url, lock_timeout_ms=config.lock_timeout_ms)
+    try:
+        connection.sendall(_frame(("ready", os.getpid())))
+        for messages in batches:
+            out: list[bytes] = []
+            jobs: list[int] = []
+            works: list[RecordEvent] = []
+            for job, raw_body, signature_timestamp, received_at in messages:
+                try:
+                    event = parse_event(raw_body)
+                except InvalidEvent as exc:  # the daemon parsed it already: not expected
+                    out.append(_frame((job, f"the event could not be parsed again: {exc}", None)))
+                    continue
+                jobs.append(job)
+                works.append(RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(received_at, UTC)))
+            for start in range(0, len(works), MAX_BATCH):
+                futures = ledger.commit_here(works[start : start + MAX_BATCH])
+                out += [_reply(job, future) for job, future in zip(jobs[start : start + MAX_BATCH], futures, strict=True)]
+            connection.sendall(b"".join(out))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon is gone: nothing was acknowledged to anyone
+    finally:
+        ledger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))

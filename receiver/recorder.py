@@ -1,0 +1,51 @@
+"""Where the webhook route has an event recorded: `LedgerRecorder` (the ledger's own
+writer thread, in this process) or `receiver.record_process.ProcessRecorder` (a writer
+process of its own). Either answers only once the event's commit is durable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from reconciler.apply import Recorded, RecordEvent
+from reconciler.events import PacSpaceEvent
+from storage.ledger import Ledger
+from storage.vocabulary import EventOutcome
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What recording one event did, as the route answers and logs it."""
+
+    duplicate: bool
+    outcome: EventOutcome | None  # None for a duplicate
+    anchor_id: str | None
+    finding_kinds: tuple[str, ...] = ()  # the kinds of discrepancy it showed, sorted
+
+    @classmethod
+    def of(cls, recorded: Recorded) -> Stored:
+        return cls(recorded.duplicate, recorded.outcome, recorded.anchor_id, tuple(sorted({f.kind.value for f in recorded.findings})))
+
+
+class Recorder(Protocol):
+    async def record(self, event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
+        """Record `event` (parsed from `raw_body`, received at Unix time `received_at`) durably (exactly once: a repeat is a duplicate); raises
+        `StorageUnavailable` when it cannot, and then nothing was acknowledged."""
+        ...
+
+    def check(self) -> None:
+        """Raise `StorageUnavailable` while events cannot be recorded (readiness)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LedgerRecorder:
+    ledger: Ledger
+
+    async def record(self, event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
+        now = datetime.fromtimestamp(received_at, UTC)
+        return Stored.of(await self.ledger.transact(RecordEvent(event, raw_body, signature_timestamp, now)))
+
+    def check(self) -> None:
+        pass  # the ledger's own check (readiness) covers its writer

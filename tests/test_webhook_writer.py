@@ -1,0 +1,153 @@
+"""The webhook writer process (`pacrecon.webhook_writer`) with real `pacrecon serve`
+processes: killed under load it loses nothing acknowledged and comes back by itself;
+signals meant for the group do not stop it before the daemon has drained; it never
+outlives the daemon. And the in-process writer (PACRECON_WEBHOOK_WRITER=thread) still
+records exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from storage.engine import make_engine
+
+from tests.conftest import migrated_sqlite_url
+from tests.daemon import Daemon, stored_events
+from tests.webhooks import envelope, sign
+
+
+def _wait(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.02)
+
+
+def _writer_pids(daemon: Daemon) -> list[int]:
+    """The writer processes the daemon said were ready, oldest first."""
+    return [int(e["pid"]) for e in daemon.log_events() if e.get("event") == "webhook_writer_ready"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purpose (its parent has not reaped it yet)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _post(daemon: Daemon, body: dict[str, object]) -> httpx.Response:
+    webhook = sign(body)
+    return httpx.post(f"{daemon.url}/webhooks/pacspace", content=webhook.body, headers=webhook.headers, timeout=60)
+
+
+def test_a_killed_writer_process_loses_nothing_acknowledged_and_is_replaced(tmp_path: Path) -> None:
+    url = migrated_sqlite_url(tmp_path / "ledger.db")
+    daemon = Daemon(url, tmp_path, PACRECON_WEBHOOK_WRITER="process").start()
+    try:
+        first = _writer_pids(daemon)
+        assert len(first) == 1 and _alive(first[0])
+        answers: list[tuple[str, int, dict[str, object]]] = []
+        stop = threading.Event()
+
+        def send(worker: int) -> None:
+            n = 0
+            with httpx.Client(timeout=60) as client:
+                while not stop.is_set():
+                    body = envelope(data={"recordId": f"a_{worker}_{n}"})
+                    webhook = sign(body)
+                    answer = client.post(f"{daemon.url}/webhooks/pacspace", content=webhook.body, headers=webhook.headers)
+                    answers.append((str(body["id"]), answer.status_code, answer.json()))
+                    n += 1
+
+        senders = [threading.Thread(target=send, args=(w,)) for w in range(8)]
+        for sender in senders:
+            sender.start()
+        try:
+            _wait(lambda: len(answers) >= 200, 30, "200 webhooks answered before the kill")
+            os.kill(first[0], signal.SIGKILL)
+            readiness: list[int] = []
+            _wait(lambda: readiness.append(httpx.get(f"{daemon.url}/readyz", timeout=5).status_code) or readiness[-1] == 503, 5,
+                  "/readyz failing while the writer is gone")
+            _wait(lambda: len(_writer_pids(daemon)) == 2, 30, "a new writer process")
+            _wait(lambda: httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200, 10, "/readyz back")
+            settled = len(answers)
+            _wait(lambda: len(answers) >= settled + 200, 30, "200 more webhooks answered by the new writer")
+        finally:
+            stop.set()
+            for sender in senders:
+                sender.join(60)
+        refused = [(status, body) for _, status, body in answers if status != 200]
+        # a webhook waiting for the killed writer got 503 (PacSpace delivers it again), never a 2xx
+        assert all(status == 503 and body["error"]["code"] == "storage_unavailable" for status, body in refused), refused[:3]  # type: ignore[index]
+        acknowledged = [event_id for event_id, status, _ in answers if status == 200]
+        assert len(acknowledged) >= 400
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                stored = [row[0] for row in connection.execute(text("SELECT event_id FROM webhook_event"))]
+        finally:
+            engine.dispose()
+        assert len(stored) == len(set(stored)) and set(acknowledged) <= set(stored)
+        events = daemon.log_events()
+        assert any(e.get("event") == "webhook_writer_lost" for e in events)
+        assert "Traceback" not in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+    assert not any(_alive(pid) for pid in _writer_pids(daemon)), "a writer process outlived the daemon"
+
+
+def test_the_writer_process_ignores_group_signals_and_leaves_with_the_daemon(tmp_path: Path) -> None:
+    url = migrated_sqlite_url(tmp_path / "ledger.db")
+    daemon = Daemon(url, tmp_path, PACRECON_WEBHOOK_WRITER="process").start()
+    [writer] = _writer_pids(daemon)
+    # a service manager signals every process of the unit; the daemon drains through its writer first
+    os.kill(writer, signal.SIGTERM)
+    os.kill(writer, signal.SIGINT)
+    time.sleep(0.3)
+    assert _alive(writer)
+    body = envelope(data={"recordId": "a_after_signals"})
+    assert _post(daemon, body).json() == {"status": "recorded"}
+    assert daemon.stop() == 0
+    assert not _alive(writer)
+    assert stored_events(url, str(body["id"])) == 1
+    assert any(e.get("event") == "webhook_writer_exited" and e.get("exit_code") == 0 for e in daemon.log_events())
+
+
+def test_the_writer_process_does_not_outlive_a_killed_daemon(tmp_path: Path) -> None:
+    url = migrated_sqlite_url(tmp_path / "ledger.db")
+    daemon = Daemon(url, tmp_path, PACRECON_WEBHOOK_WRITER="process").start()
+    [writer] = _writer_pids(daemon)
+    body = envelope(data={"recordId": "a_before_kill"})
+    assert _post(daemon, body).json() == {"status": "recorded"}
+    assert daemon.process is not None
+    daemon.process.kill()
+    daemon.process.wait(10)
+    _wait(lambda: not _alive(writer), 10, "the writer process to leave after the daemon was killed")
+    assert stored_events(url, str(body["id"])) == 1
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_either_writer_records_once_and_answers_a_duplicate(tmp_path: Path, writer: str) -> None:
+    url = migrated_sqlite_url(tmp_path / "ledger.db")
+    daemon = Daemon(url, tmp_path, PACRECON_WEBHOOK_WRITER=writer).start()
+    try:
+        assert bool(_writer_pids(daemon)) == (writer == "process")
+        body = envelope(data={"recordId": "a_once"})
+        assert _post(daemon, body).json() == {"status": "recorded"}
+        assert _post(daemon, body).json() == {"status": "duplicate"}
+        assert httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200
+    finally:
+        assert daemon.stop() == 0
+    assert stored_events(url, str(body["id"])) == 1
