@@ -20,7 +20,7 @@ from starlette.types import Scope
 from pacrecon.lifecycle import Lifecycle, StopGate
 from pacrecon.metrics import Metrics, MetricsEndpoint
 from pacrecon.settings import Settings
-from pacrecon.webhook_writer import ProcessRecorder, WriterConfig
+from pacrecon.webhook_writer import ProcessRecorder
 from receiver.admin import AdminApi
 from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
@@ -44,32 +44,10 @@ TALLY_FLUSH_SECONDS = 10
 ROLLUP_FOLD_SECONDS = 10  # PostgreSQL's rollup journal is folded in this often (the report reads it meanwhile)
 
 
-def write_deadline_seconds(settings: Settings) -> float:
-    # a write may wait out one lock timeout; the deadline leaves room for that and the commit
-    return max(30.0, 2 * settings.lock_timeout_ms / 1000 + 5)
-
-
 def open_ledger(settings: Settings) -> SqlLedger:
     return SqlLedger.from_url(
-        settings.database_url, lock_timeout_ms=settings.lock_timeout_ms, write_deadline_seconds=write_deadline_seconds(settings)
+        settings.database_url, lock_timeout_ms=settings.lock_timeout_ms, write_deadline_seconds=settings.write_deadline_seconds()
     )
-
-
-def open_recorder(settings: Settings, ledger: SqlLedger) -> LedgerRecorder | ProcessRecorder:
-    """Where webhooks are written (PACRECON_WEBHOOK_WRITER). The writer process is
-    spawned now: its start overlaps the daemon's own until `wait_until_ready`."""
-    if settings.webhook_writer == "thread":
-        return LedgerRecorder(ledger)
-    config = WriterConfig(
-        database_url=settings.database_url,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        log_level=settings.log_level,
-        log_format=settings.log_format,
-        secrets=tuple(settings.secret_values()),
-    )
-    recorder = ProcessRecorder(config, deadline_seconds=write_deadline_seconds(settings))
-    recorder.spawn()
-    return recorder
 
 
 def open_pacspace(

@@ -156,24 +156,30 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
-    from pacrecon.app import create_app, open_ledger, open_recorder
-    from pacrecon.logs import configure_logging
-    from pacrecon.server import serve_app
-    from pacrecon.webhook_writer import ProcessRecorder
-    from storage.errors import SchemaNotCurrent, StorageUnavailable
-
     if not settings.webhook_secrets:
         raise ConfigurationError("PACRECON_WEBHOOK_SECRETS: serve needs at least one webhook secret (comma-separated)")
+    from pacrecon.logs import configure_logging
+
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    writer = None
+    if settings.webhook_writer == "process":  # first: its start overlaps the imports below
+        from pacrecon.webhook_writer import spawn_writer
+
+        writer = spawn_writer(settings, settings.write_deadline_seconds())
+    from pacrecon.app import create_app, open_ledger
+    from pacrecon.server import serve_app
+    from receiver.recorder import LedgerRecorder
+    from storage.errors import SchemaNotCurrent, StorageUnavailable
+
     ledger = open_ledger(settings)
-    recorder = open_recorder(settings, ledger)
+    recorder = writer if writer is not None else LedgerRecorder(ledger)
     try:
         ledger.check_schema()
-        if isinstance(recorder, ProcessRecorder):
-            recorder.wait_until_ready()
+        if writer is not None:
+            writer.wait_until_ready()
     except (SchemaNotCurrent, StorageUnavailable) as exc:
-        if isinstance(recorder, ProcessRecorder):
-            recorder.stop_now()
+        if writer is not None:
+            writer.stop_now()
         ledger.close()
         if isinstance(exc, SchemaNotCurrent):
             raise Refusal(str(exc)) from None

@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None  # None: console on a terminal, else JSON
     lock_timeout_ms: int = Field(5_000, ge=1, le=600_000)
     # "thread": webhooks are written by the daemon's own ledger writer thread (one process);
-    # "process": by a child process of the daemon (its own GIL: more webhooks a second,
-    # for about 45 MB more memory; bench/RESULTS.md)
+    # "process": by a child process of the daemon (its own GIL: more webhooks a second
+    # and a shorter tail under load, for about 58 MB more memory; bench/RESULTS.md)
     webhook_writer: Literal["thread", "process"] = "thread"
 
     @classmethod
@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         if backend not in ("sqlite", "postgresql", "postgres"):
             raise ValueError(f"names the backend {backend!r}; SQLite and PostgreSQL are supported")
         return value
+
+    def write_deadline_seconds(self) -> float:
+        """How long a caller waits for a commit before it is answered 503: room for one
+        lock timeout and the commit."""
+        return max(30.0, 2 * self.lock_timeout_ms / 1000 + 5)
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redactor."""

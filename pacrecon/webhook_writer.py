@@ -1,10 +1,12 @@
 """The webhook writer process: the daemon's event loop hands each verified webhook to a
 child process that records it with a ledger of its own (group commit, as in-process).
 
-Why a process: under webhook load one GIL was the limit. The ledger's writer thread
-needed about a third of the event loop's CPU per webhook again (bench/RESULTS.md), and
-each of its turns at the GIL waited for the loop's. Here the HTTP side and the SQL side
-each have a core's worth of Python.
+Why a process: under webhook load the one GIL was the limit. The ledger's writer thread
+needed about half the event loop's CPU per webhook again (bench/RESULTS.md), and each of
+its turns at the GIL waited for the loop's, so every commit cycle, and with it every
+answer, took longer. Here the HTTP side and the SQL side each have a core's worth of
+Python. The cost: a second interpreter with the ledger's code (~58 MB) and a slower start;
+hence an option (PACRECON_WEBHOOK_WRITER=process), not the default.
 
 Protocol, over a socketpair, frames of a 4-byte big-endian length and a pickle (it only
 ever crosses between these two processes; the body travels as bytes inside it):
@@ -36,14 +38,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from receiver.recorder import Stored
-from reconciler.events import PacSpaceEvent
+from receiver.stored import Stored
 from storage.errors import StorageUnavailable
 from storage.vocabulary import EventOutcome
+
+if TYPE_CHECKING:
+    from pacrecon.settings import Settings
+    from reconciler.events import PacSpaceEvent
 
 log = structlog.get_logger("pacrecon.webhook_writer")
 
@@ -85,6 +90,22 @@ def _frames(buffer: bytearray) -> list[Any]:
 
 
 # -- the daemon's side -----------------------------------------------------------------
+
+
+def spawn_writer(settings: Settings, deadline_seconds: float) -> ProcessRecorder:
+    """The writer process for `settings`, spawned now. `pacrecon serve` calls this before
+    it imports the app, so that the child's start (its imports) overlaps the daemon's:
+    this module and what it imports are light for that reason."""
+    config = WriterConfig(
+        database_url=settings.database_url,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+        secrets=tuple(settings.secret_values()),
+    )
+    recorder = ProcessRecorder(config, deadline_seconds=deadline_seconds)
+    recorder.spawn()
+    return recorder
 
 
 class ProcessRecorder:

@@ -8,24 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from reconciler.apply import Recorded, RecordEvent
+from receiver.stored import Stored
+from reconciler.apply import RecordEvent
 from reconciler.events import PacSpaceEvent
 from storage.ledger import Ledger
-from storage.vocabulary import EventOutcome
-
-
-@dataclass(frozen=True)
-class Stored:
-    """What recording one event did, as the route answers and logs it."""
-
-    duplicate: bool
-    outcome: EventOutcome | None  # None for a duplicate
-    anchor_id: str | None
-    finding_kinds: tuple[str, ...] = ()  # the kinds of discrepancy it showed, sorted
-
-    @classmethod
-    def of(cls, recorded: Recorded) -> Stored:
-        return cls(recorded.duplicate, recorded.outcome, recorded.anchor_id, tuple(sorted({f.kind.value for f in recorded.findings})))
 
 
 class Recorder(Protocol):

@@ -304,9 +304,14 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(sqlite_url: str, tm
     assert stored_events(sqlite_url, body["id"]) == 1
 
 
-def test_serve_refuses_a_schema_behind_head(tmp_path: Path) -> None:
-    env = clean_environment(PACRECON_DATABASE_URL=f"sqlite:///{tmp_path / 'empty.db'}", PACRECON_WEBHOOK_SECRETS=TEST_SECRET)
-    result = pacrecon(["serve"], env, tmp_path)
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_serve_refuses_a_schema_behind_head(tmp_path: Path, writer: str) -> None:
+    env = clean_environment(
+        PACRECON_DATABASE_URL=f"sqlite:///{tmp_path / 'empty.db'}", PACRECON_WEBHOOK_SECRETS=TEST_SECRET, PACRECON_WEBHOOK_WRITER=writer
+    )
+    started = time.monotonic()
+    result = pacrecon(["serve"], env, tmp_path)  # returns once nothing holds its output open: no writer process left
+    assert time.monotonic() - started < 20
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "run `pacrecon migrate`" in result.stderr
     migrated = pacrecon(["migrate"], env, tmp_path)
