@@ -5,11 +5,12 @@ script and bodies as bench/ingest.py, and samples it with py-spy (`pip install p
 counting only the thread that holds the GIL: with one GIL, that is the CPU the process
 can use, so the shares below add up to where each request's time goes.
 
-  flock /tmp/bench.lock .venv/bin/python bench/profile_ingest.py [DATABASE_URL]
+  flock /tmp/bench.lock .venv/bin/python bench/profile_ingest.py [DATABASE_URL] [--webhook-writer process]
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import shutil
@@ -42,6 +43,7 @@ CATEGORIES = [
     ("request: JSON parse of the event", ("parse_event",)),
     ("request: metrics and tallies", ("observe_webhook", "pacrecon/metrics.py")),
     ("request: waiting on the writer (handoff)", ("transact (storage/sql_ledger.py", "_settle_waiters", "wrap_future", "_call_set_state", "_copy_future_state")),
+    ("request: the writer process's socket (frames out and back)", ("pacrecon/webhook_writer.py",)),
     ("request: reading the body", ("read_limited_body",)),
     ("request: the rest of the webhook handler", ("receiver/webhook.py",)),
     ("request: sending the response (uvicorn write)", ("Response.__call__",)),
@@ -52,7 +54,12 @@ CATEGORIES = [
 
 
 def main() -> None:
-    url = sys.argv[1] if len(sys.argv) > 1 else None
+    parser = argparse.ArgumentParser()
+    parser.add_argument("database_url", nargs="?")
+    parser.add_argument("--webhook-writer", choices=["thread", "process"], default="thread",
+                        help="PACRECON_WEBHOOK_WRITER (with process, the daemon's own process is sampled, not its writer)")
+    args = parser.parse_args()
+    url = args.database_url
     work = Path(tempfile.mkdtemp(prefix="pacrecon-profile-"))
     pg_name = None
     try:
@@ -63,7 +70,7 @@ def main() -> None:
             engine.dispose()
         elif url.startswith("postgres"):
             admin, (pg_name, url) = url, create_pg_database(url)
-        daemon = Daemon(url, work).start()
+        daemon = Daemon(url, work, PACRECON_WEBHOOK_WRITER=args.webhook_writer).start()
         bodies = work / "bodies.tsv"
         write_bodies(bodies, 0, 40_000)
         assert daemon.process is not None

@@ -132,6 +132,18 @@ def register_deltas(session: LedgerSession, deltas: Iterable[LocalDelta], now: d
     return added
 
 
+def match_late_orphans(session: LedgerSession, *, limit: int, now: datetime) -> int:
+    """Apply up to `limit` orphan events whose delta was registered at the same moment
+    (neither transaction saw the other): the ones `register_deltas` could not match.
+    Each one applied is an orphan no more; returns how many were applied."""
+    applied = 0
+    for event in session.orphans_with_a_delta(limit):
+        parsed = parse_event(event.raw_body)
+        if parsed.claim is not None and _apply_event(session, event, parsed.claim, now).outcome is not EventOutcome.ORPHAN:
+            applied += 1
+    return applied
+
+
 def match_orphans(session: LedgerSession, deltas: Iterable[LocalDelta], now: datetime) -> None:
     """Apply the orphan events that name any of `deltas` (now known by anchor, hash or receipt)."""
     session.flush()

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import structlog
 
-from reconciler.apply import CLEARED_BY_SETTLING, apply_claim, chain_sequences
+from reconciler.apply import CLEARED_BY_SETTLING, apply_claim, chain_sequences, match_late_orphans
 from reconciler.claims import ClaimedStatus, DeltaClaim, same_hash
 from reconciler.errors import PacSpaceError
 from reconciler.events import MAX_SEQUENCE
@@ -182,6 +182,8 @@ class Reconciler:
                 )
                 if on_started is not None:
                     on_started(summary.run_id)
+            # first: a delta an orphan webhook settles needs no lookup
+            summary.fixed += await self._late_orphans(summary, now)
             opened = await self._stale_deltas(summary, now, held)
             opened += await self._orphans(summary, now)
             if not summary.dry_run:
@@ -283,6 +285,22 @@ class Reconciler:
         return results
 
     # -- orphans and failed deliveries ----------------------------------------------------
+
+    async def _late_orphans(self, summary: PassSummary, now: datetime) -> int:
+        """Apply the orphan webhooks whose delta has been registered since (the two were
+        committed at once, each unseen by the other); how many were applied."""
+        work = partial(match_late_orphans, limit=ORPHAN_PAGE, now=now)
+        applied = 0
+        while True:
+            self._stop_if_asked()
+            page = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+            applied += page
+            # each applied one left the orphans: the next page is new ones (a dry run keeps none)
+            if page < ORPHAN_PAGE or summary.dry_run:
+                break
+        if applied:
+            log.info("late_orphans_applied", events=applied, dry_run=summary.dry_run)
+        return applied
 
     async def _orphans(self, summary: PassSummary, now: datetime) -> int:
         """Report every orphan old enough, once (a dry run sees only the first page)."""

@@ -426,6 +426,15 @@ class LedgerSession:
             statement = statement.where(AuditEntry.delta_id == delta_id)
         return list(self._session.scalars(statement.order_by(AuditEntry.id)))
 
+    def orphans_with_a_delta(self, limit: int) -> list[WebhookEvent]:
+        """Orphan events whose anchor a delta of ours has by now: recorded while that delta
+        was being registered, neither transaction saw the other's row (two processes or
+        replicas on PostgreSQL). Read through the orphans' partial index, one seek each in
+        the deltas' anchor index: the cost follows the orphans, not the events."""
+        has_delta = select(LocalDelta.id).where(LocalDelta.anchor_id == WebhookEvent.anchor_id).exists()
+        statement = select(WebhookEvent).where(ORPHAN_PREDICATE, WebhookEvent.anchor_id.is_not(None), has_delta)  # type: ignore[union-attr]
+        return list(self._session.scalars(statement.order_by(WebhookEvent.anchor_id).limit(limit)))  # type: ignore[arg-type]
+
     def unreported_orphans(self, cutoff: datetime, limit: int) -> list[WebhookEvent]:
         """Orphan events received before `cutoff` with no open `orphan_webhook` discrepancy yet."""
         reported = (

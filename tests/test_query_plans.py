@@ -161,3 +161,12 @@ def test_lookup_uses_its_index(ledger: SqlLedger, build: Any, index: str) -> Non
 def test_orphans_are_found_through_their_partial_indexes(ledger: SqlLedger, delta: LocalDelta, index: str) -> None:
     found = plan(ledger, lambda s: s.orphan_events_for(delta))
     assert index in found, found
+
+
+def test_late_orphans_are_read_through_an_orphan_index(ledger: SqlLedger) -> None:
+    # every pass asks: the events must be read through a partial index of orphans, never all of them
+    import re
+
+    found = plan(ledger, lambda s: s.orphans_with_a_delta(1000))
+    assert re.search("ix_webhook_event_orphan_(anchor|age)", found), found
+    assert not re.search(r"Seq Scan on webhook_event|SCAN webhook_event\b(?! USING)", found), found

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from reconciler.apply import record_event
 from reconciler.events import parse_event
@@ -183,6 +184,25 @@ def test_a_matched_orphan_and_a_settled_stuck_delta_clear_their_discrepancies(le
     ledger.transact_sync(lambda s: register_deltas(s, [delta(9, "a_later", idempotency_key="k9")], NOW))
     assert kinds(ledger) == []
 
+
+
+def test_an_orphan_recorded_while_its_delta_was_registered_settles_it_in_the_next_pass(ledger: SqlLedger) -> None:
+    # the race: the webhook is kept as an orphan, and the delta is added by a transaction
+    # that did not see it (add_delta alone: register_deltas would have matched the orphan)
+    data = {"recordId": "a_race", "receiptId": H("item7"), "itemsRoot": H("item7"), "itemHashes": [H("item7")],
+            "itemHash": H("item7"), "customerId": "cust", "delta": 7, "sequenceNumber": "1"}
+    raw = json.dumps({"id": "evt_race", "event": "delta.verified", "data": data}).encode()
+    recorded = ledger.transact_sync(lambda s: record_event(s, parse_event(raw), raw_body=raw, signature_timestamp=0, now=NOW))
+    assert recorded.outcome is not None and recorded.outcome.value == "orphan"
+    ids = add(ledger, delta(7, "a_race"))
+    asked: list[str] = []
+    summary = run(ledger, lambda request: asked.append(request.url.path) or ok({}))
+    assert state(ledger, ids) == ["VERIFIED"] and kinds(ledger) == []
+    assert ledger.read_sync(lambda s: s.get_delta(ids[0]).verified_by) == "webhook"  # type: ignore[union-attr]
+    # settled by the webhook's own evidence before the lookups: PacSpace was not asked about it
+    assert summary.fixed == 1 and summary.looked_up == 0 and "/api/v1/balance/delta/a_race" not in asked
+    outcome = ledger.read_sync(lambda s: s._session.scalars(select(WebhookEvent.outcome).where(WebhookEvent.event_id == "evt_race")).one())
+    assert outcome == "applied"
 
 def test_lookups_that_all_fail_stop_the_pass(ledger: SqlLedger) -> None:
     add(ledger, delta(1, "a_k"))
