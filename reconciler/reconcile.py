@@ -289,32 +289,29 @@ class Reconciler:
     async def _late_orphans(self, summary: PassSummary, now: datetime) -> int:
         """Apply the orphan webhooks whose delta has been registered since (the two were
         committed at once, each unseen by the other); how many were applied."""
-        work = partial(match_late_orphans, limit=ORPHAN_PAGE, now=now)
-        applied = 0
-        while True:
-            self._stop_if_asked()
-            page = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
-            applied += page
-            # each applied one left the orphans: the next page is new ones (a dry run keeps none)
-            if page < ORPHAN_PAGE or summary.dry_run:
-                break
+        applied = await self._in_pages(partial(match_late_orphans, limit=ORPHAN_PAGE, now=now), summary)
         if applied:
             log.info("late_orphans_applied", events=applied, dry_run=summary.dry_run)
         return applied
 
     async def _orphans(self, summary: PassSummary, now: datetime) -> int:
         """Report every orphan old enough, once (a dry run sees only the first page)."""
-        work = partial(_report_orphans, cutoff=now - self.stale_after, now=now, run_id=summary.run_id)
-        reported = 0
-        while True:
-            self._stop_if_asked()
-            found = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
-            reported += found
-            if found < ORPHAN_PAGE or summary.dry_run:
-                break
+        reported = await self._in_pages(partial(_report_orphans, cutoff=now - self.stale_after, now=now, run_id=summary.run_id), summary)
         if reported:
             summary.found[DiscrepancyKind.ORPHAN_WEBHOOK.value] += reported
         return reported
+
+    async def _in_pages(self, work: Callable[[LedgerSession], int], summary: PassSummary) -> int:
+        """`work` (one page of orphans, handled; how many) again until a page is short.
+        Each page takes its orphans out of the next one's reach, so this ends; a dry run,
+        whose pages are rolled back, does the first only."""
+        done = 0
+        while True:
+            self._stop_if_asked()
+            page = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+            done += page
+            if page < ORPHAN_PAGE or summary.dry_run:
+                return done
 
     async def _redeliver_failed(self, summary: PassSummary) -> None:
         """Ask PacSpace to deliver again every webhook it lists as failed."""
