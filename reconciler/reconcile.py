@@ -380,9 +380,16 @@ def claim_from_status(data: dict[str, Any], delta: LocalDelta) -> DeltaClaim | N
         item_hashes=tuple(h for h in hashes if isinstance(h, str)) if isinstance(hashes, list) else None,
         content_hash=_text(entry.get("itemHash")),
         sequence_number=_sequence(entry.get("sequenceNumber")),
+        # not in the documented answer; held to the chain like a webhook's when given
+        previous_proof_hash=_text(entry.get("previousProofHash")) or _text(_proof(entry).get("previousProofHash")),
         tx_hash=_text(data.get("txHash")),
         error=_text(entry.get("error")),
     )
+
+
+def _proof(entry: dict[str, Any]) -> dict[str, Any]:
+    proof = entry.get("proof")
+    return proof if isinstance(proof, dict) else {}
 
 
 def _text(value: Any) -> str | None:

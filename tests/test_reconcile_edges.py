@@ -204,6 +204,7 @@ def test_an_orphan_recorded_while_its_delta_was_registered_settles_it_in_the_nex
     outcome = ledger.read_sync(lambda s: s._session.scalars(select(WebhookEvent.outcome).where(WebhookEvent.event_id == "evt_race")).one())
     assert outcome == "applied"
 
+
 def test_lookups_that_all_fail_stop_the_pass(ledger: SqlLedger) -> None:
     add(ledger, delta(1, "a_k"))
     summary = run(ledger, lambda _: httpx.Response(401, json={"success": False, "error": {"code": "INVALID_API_KEY", "message": "no"}}))
@@ -233,3 +234,18 @@ def test_a_status_answer_with_an_over_long_sequence_number_verifies_without_it(l
     assert stored is not None and stored.status == "VERIFIED" and stored.sequence_number is None
     exact = {**answer, "deltas": [{**answer["deltas"][0], "sequenceNumber": "7" * 64}]}
     assert claim_from_status(exact, stored).sequence_number == "7" * 64  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("previous", "settled"), [(H("item1"), True), (H("elsewhere"), False)])
+def test_a_status_answer_that_names_the_previous_proof_is_checked_against_the_chain(
+    ledger: SqlLedger, previous: str, settled: bool
+) -> None:
+    """PacSpace's documented status answer carries no proof link; one that does (at the top
+    or in a `proof` object, as webhooks do) is held to it like a webhook."""
+    add(ledger, delta(1, "a_first", status="VERIFIED", sequence_number="1"))
+    [second] = add(ledger, delta(2, "a_second"))
+    answer = {"anchorId": "a_second", "status": "VERIFIED", "receiptId": H("item2"), "itemHashes": [H("item2")],
+              "customerId": "cust", "delta": 2, "sequenceNumber": "2", "proof": {"previousProofHash": previous}}
+    run(ledger, lambda request: ok(answer) if request.url.path.endswith("/a_second") else ok({}))
+    assert state(ledger, [second]) == (["VERIFIED"] if settled else ["QUEUED"])
+    assert kinds(ledger) == ([] if settled else ["chain_broken"])
