@@ -161,15 +161,20 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
     from pacrecon.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    from storage.errors import SchemaNotCurrent, StorageUnavailable
+
     writer = None
     if settings.webhook_writer == "process":  # first: its start overlaps the imports below
         from pacrecon.webhook_writer import spawn_writer
 
-        writer = spawn_writer(settings, settings.write_deadline_seconds())
+        try:
+            writer = spawn_writer(settings, settings.write_deadline_seconds())
+        except StorageUnavailable as exc:
+            print(f"pacrecon: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     from pacrecon.app import create_app, open_ledger
     from pacrecon.server import serve_app
     from receiver.recorder import LedgerRecorder
-    from storage.errors import SchemaNotCurrent, StorageUnavailable
 
     ledger = open_ledger(settings)
     recorder = writer if writer is not None else LedgerRecorder(ledger)

@@ -123,6 +123,9 @@ class ProcessRecorder:
         self._ready: asyncio.Future[int] | None = None
         self._ready_pid: int | None = None  # "ready" read before the event loop took the socket
         self._pending: dict[int, asyncio.Future[Stored]] = {}
+        # sent and not answered yet, with when (loop time), oldest first; kept past a
+        # webhook's deadline, until the child answers or goes: how readiness sees it stuck
+        self._unanswered: dict[int, float] = {}
         self._next_job = 0
         self._out: list[bytes] = []  # frames written at the end of this turn of the loop, together
         self._flush_scheduled = False
@@ -131,18 +134,22 @@ class ProcessRecorder:
         self._restarter: asyncio.Task[None] | None = None
 
     def spawn(self) -> None:
+        """Start a child and hand it its configuration; StorageUnavailable if it cannot be."""
         parent_end, child_end = socket.socketpair()
         try:
+            # a session of its own: a terminal's Ctrl-C for the daemon's group never reaches it,
+            # not even before it has set its signals aside (a service manager's SIGTERM to the
+            # whole unit still can: it ignores that once started)
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "pacrecon.webhook_writer", str(child_end.fileno())],
-                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL,
+                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        except OSError:
+            parent_end.sendall(_frame(self._config))  # small: the socket's buffer holds it
+        except OSError as exc:
             parent_end.close()
-            raise
+            raise StorageUnavailable(f"the webhook writer process could not be started: {exc.strerror or exc}") from None
         finally:
             child_end.close()
-        parent_end.sendall(_frame(self._config))  # small: the socket's buffer holds it
         self._socket = parent_end
 
     def wait_until_ready(self) -> None:
@@ -159,6 +166,8 @@ class ProcessRecorder:
                 buffer += chunk
         except TimeoutError:
             raise StorageUnavailable(f"the webhook writer process was not ready within {START_SECONDS:g} s") from None
+        except OSError:  # ECONNRESET: it died before it read its configuration
+            raise StorageUnavailable("the webhook writer process exited before it was ready") from None
         finally:
             self._socket.settimeout(None)
         self._ready_pid = int(messages[0][1])  # nothing else comes before a job is sent
@@ -173,13 +182,19 @@ class ProcessRecorder:
             self._ready.set_result(self._ready_pid)
         connection, self._socket = self._socket, None
         connection.setblocking(False)
-        self._transport, _ = await loop.create_unix_connection(partial(_Replies, self), sock=connection)
+        transport, _ = await loop.create_unix_connection(partial(_Replies, self), sock=connection)
+        self._transport = transport
         try:
             pid = await asyncio.wait_for(asyncio.shield(self._ready), START_SECONDS)
         except TimeoutError:
-            self._transport.close()
+            transport.close()
             raise StorageUnavailable(f"the webhook writer process was not ready within {START_SECONDS:g} s") from None
-        self._up, self._ready_pid = True, None
+        finally:
+            self._ready_pid = None
+        if self._transport is not transport or transport.is_closing():
+            # it said ready, then went (`_lost` has run meanwhile): not up, whatever it said
+            raise StorageUnavailable("the webhook writer process stopped right after it was ready")
+        self._up = True
         log.info("webhook_writer_ready", pid=pid)
 
     def stop_now(self) -> None:
@@ -201,6 +216,7 @@ class ProcessRecorder:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Stored] = loop.create_future()
         self._pending[job] = waiter
+        self._unanswered[job] = loop.time()
         self._out.append(_frame((job, raw_body, signature_timestamp, received_at)))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -226,6 +242,10 @@ class ProcessRecorder:
     def check(self) -> None:
         if not self._up:
             raise StorageUnavailable("the webhook writer process is not running")
+        if self._unanswered:
+            waited = asyncio.get_running_loop().time() - next(iter(self._unanswered.values()))
+            if waited > self._deadline:
+                raise StorageUnavailable(f"the webhook writer process has not answered for {waited:.0f} s")
 
     def _reply(self, message: tuple[Any, ...]) -> None:
         if message[0] == "ready":
@@ -233,6 +253,7 @@ class ProcessRecorder:
                 self._ready.set_result(int(message[1]))
             return
         job, error, fields = message
+        self._unanswered.pop(job, None)
         waiter = self._pending.get(job)
         if waiter is None or waiter.done():  # timed out meanwhile
             return
@@ -244,6 +265,7 @@ class ProcessRecorder:
 
     def _lost(self) -> None:
         self._up, self._transport = False, None
+        self._unanswered.clear()
         failure = StorageUnavailable("the webhook writer process stopped")
         for waiter in self._pending.values():
             if not waiter.done():
@@ -264,8 +286,8 @@ class ProcessRecorder:
                     self.spawn()
                     await self.start()
                     return
-                except (OSError, StorageUnavailable) as exc:
-                    log.error("webhook_writer_restart_failed", error=str(exc), retry_in_seconds=delay)
+                except Exception as exc:  # whatever it was, the next attempt comes
+                    log.error("webhook_writer_restart_failed", error=f"{type(exc).__name__}: {exc}"[:500], retry_in_seconds=delay)
                     delay = min(delay * 2, RESTART_MAX_SECONDS)
         finally:
             self._restarter = None
@@ -357,6 +379,8 @@ def main(descriptor: int) -> int:
     as one batch (group commit: one fsync), answer them in one write. While it commits,
     the next batch gathers in the socket. No thread hands work to another here, so no
     turn at the GIL is ever waited for."""
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):  # first: the imports below take a while
+        signal.signal(stop_signal, signal.SIG_IGN)
     # imported here: the daemon's side needs none of it
     from pacrecon.logs import configure_logging
     from reconciler.apply import RecordEvent
@@ -364,11 +388,12 @@ def main(descriptor: int) -> int:
     from reconciler.events import parse_event
     from storage.sql_ledger import MAX_BATCH, SqlLedger
 
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, signal.SIG_IGN)
     connection = socket.socket(fileno=descriptor)
     batches = _batches(connection)
-    [config, *_] = next(batches)  # nothing else comes before "ready" is sent
+    first = next(batches, None)
+    if first is None:
+        return 0  # the daemon went before it sent the configuration
+    config: WriterConfig = first[0]  # nothing else comes before "ready" is sent
     configure_logging(config.log_level, config.log_format, list(config.secrets))
     ledger = SqlLedger.from_url(config.database_url, lock_timeout_ms=config.lock_timeout_ms)
     try:
@@ -388,7 +413,10 @@ def main(descriptor: int) -> int:
             for start in range(0, len(works), MAX_BATCH):
                 futures = ledger.commit_here(works[start : start + MAX_BATCH])
                 out += [_reply(job, future) for job, future in zip(jobs[start : start + MAX_BATCH], futures, strict=True)]
-            connection.sendall(b"".join(out))
+                connection.sendall(b"".join(out))  # each committed batch answered at once
+                out = []
+            if out:
+                connection.sendall(b"".join(out))
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon is gone: nothing was acknowledged to anyone
     finally:

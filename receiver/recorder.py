@@ -1,5 +1,5 @@
 """Where the webhook route has an event recorded: `LedgerRecorder` (the ledger's own
-writer thread, in this process) or `receiver.record_process.ProcessRecorder` (a writer
+writer thread, in this process) or `pacrecon.webhook_writer.ProcessRecorder` (a writer
 process of its own). Either answers only once the event's commit is durable."""
 
 from __future__ import annotations

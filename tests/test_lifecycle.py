@@ -39,11 +39,13 @@ def post_webhook(daemon: Daemon, body: dict[str, object]) -> httpx.Response:
     return httpx.post(f"{daemon.url}/webhooks/pacspace", content=webhook.body, headers=webhook.headers, timeout=60)
 
 
-def test_sigterm_with_a_webhook_in_flight(tmp_path: Path) -> None:
-    """/readyz turns 503 at once, new work is refused, the webhook in flight is recorded,
-    and the process exits 0."""
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigterm_with_a_webhook_in_flight(tmp_path: Path, writer: str) -> None:
+    """/readyz turns 503 at once, new work is refused, the webhook in flight is recorded
+    (with the writer process: drained through it before it is let go), and the process
+    exits 0."""
     url = migrated_sqlite_url(tmp_path / "ledger.db")
-    daemon = Daemon(url, tmp_path, PACRECON_LOCK_TIMEOUT_MS="30000").start()
+    daemon = Daemon(url, tmp_path, PACRECON_LOCK_TIMEOUT_MS="30000", PACRECON_WEBHOOK_WRITER=writer).start()
     # another writer holds the SQLite write lock: the daemon's commit waits for it
     blocker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")

@@ -6,8 +6,11 @@ records exactly once."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +20,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from pacrecon.webhook_writer import ProcessRecorder, WriterConfig, _frame, _frames
 from storage.engine import make_engine
+from storage.errors import StorageUnavailable
 
 from tests.conftest import migrated_sqlite_url
 from tests.daemon import Daemon, stored_events
@@ -151,3 +156,61 @@ def test_either_writer_records_once_and_answers_a_duplicate(tmp_path: Path, writ
     finally:
         assert daemon.stop() == 0
     assert stored_events(url, str(body["id"])) == 1
+
+
+# -- the daemon's side of the protocol, against a child played by the test over a real socketpair
+
+
+def _with_played_child(deadline: float = 30.0) -> tuple[ProcessRecorder, socket.socket]:
+    parent_end, child_end = socket.socketpair()
+    recorder = ProcessRecorder(WriterConfig("sqlite://", 1000, "info", "json", ()), deadline_seconds=deadline)
+    recorder._socket = parent_end  # as spawn() leaves it; the test is the child
+    return recorder, child_end
+
+
+def test_a_child_that_goes_right_after_saying_ready_is_not_taken_for_up() -> None:
+    async def go() -> None:
+        recorder, child = _with_played_child()
+        child.sendall(_frame(("ready", 1)))
+        child.close()
+        with pytest.raises(StorageUnavailable):
+            await recorder.start()
+        with pytest.raises(StorageUnavailable):
+            recorder.check()  # readiness fails: no webhook is sent to a child that is gone
+        await recorder.close()
+
+    asyncio.run(go())
+
+
+def test_a_child_gone_before_it_read_its_configuration_is_a_clean_failure() -> None:
+    recorder, child = _with_played_child()
+    recorder._socket.sendall(b"\x00" * 64)  # type: ignore[union-attr]  # its configuration, never read
+    child.close()  # a reset, not an end of file
+    with pytest.raises(StorageUnavailable, match="before it was ready"):
+        recorder.wait_until_ready()
+    recorder.stop_now()
+
+
+def test_a_child_that_stops_answering_fails_its_webhooks_then_readiness_until_it_answers() -> None:
+    async def go() -> None:
+        recorder, child = _with_played_child(deadline=0.3)
+        child.sendall(_frame(("ready", 1)))
+        await recorder.start()
+        recorder.check()
+        with pytest.raises(StorageUnavailable, match="not committed within"):
+            await recorder.record(None, b"{}", 0, 0.0)  # type: ignore[arg-type]
+        with pytest.raises(StorageUnavailable, match="has not answered"):
+            recorder.check()
+        [(job, body, _, _)] = _frames(bytearray(child.recv(65536)))
+        assert body == b"{}"
+        child.sendall(_frame((job, None, (False, "orphan", "a_1", ()))))  # it answers at last
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            with contextlib.suppress(StorageUnavailable):
+                recorder.check()
+                break
+        recorder.check()
+        child.close()
+        await recorder.close()
+
+    asyncio.run(go())
