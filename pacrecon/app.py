@@ -20,13 +20,12 @@ from starlette.types import Scope
 from pacrecon.lifecycle import Lifecycle, StopGate
 from pacrecon.metrics import Metrics, MetricsEndpoint
 from pacrecon.settings import Settings
-from pacrecon.webhook_writer import ProcessRecorder
 from receiver.admin import AdminApi
 from receiver.deltas import DeltasApi
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.health import health_routes
 from receiver.openapi import openapi_routes
-from receiver.recorder import LedgerRecorder
+from receiver.recorder import Recorder
 from receiver.webhook import PATH as WEBHOOK_PATH
 from receiver.webhook import WebhookFastPath, WebhookReceiver, webhook_routes
 from receiver.webhook_tally import WebhookTally
@@ -64,7 +63,7 @@ def open_pacspace(
 
 
 def create_app(
-    settings: Settings, ledger: SqlLedger, recorder: LedgerRecorder | ProcessRecorder, clock: Callable[[], float] = time.time
+    settings: Settings, ledger: SqlLedger, recorder: Recorder, clock: Callable[[], float] = time.time
 ) -> Starlette:
     """The daemon's ASGI app. It owns `ledger` and `recorder` from here on; its lifespan
     owns the HTTP client and the scheduler, and closes them all at shutdown."""
@@ -124,15 +123,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        if isinstance(recorder, ProcessRecorder):
-            await recorder.start()  # it said it was ready: the event loop takes its socket over
+        await recorder.start()  # the writer process (ready already) is handed to the event loop
         scheduler.start()
         try:
             yield
         finally:
             scheduler.shutdown(wait=False)
-            if isinstance(recorder, ProcessRecorder):
-                await recorder.close()  # the webhooks in flight were drained through it
+            await recorder.close()  # the webhooks in flight were drained through it
             with contextlib.suppress(StorageUnavailable):
                 await tally.flush(ledger)
             await http.aclose()

@@ -44,6 +44,7 @@ import structlog
 
 from receiver.stored import Stored
 from storage.errors import StorageUnavailable
+from storage.group_commit import wait_within
 from storage.vocabulary import EventOutcome
 
 if TYPE_CHECKING:
@@ -202,11 +203,7 @@ class ProcessRecorder:
         if self._socket is not None:
             self._socket.close()
         if self._child is not None:
-            try:
-                self._child.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._child.kill()
-                self._child.wait()
+            _wait_or_kill(self._child, STOP_SECONDS)
 
     async def record(self, event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
         # the child parses the body again (it was verified here): cheaper than sending the event
@@ -221,11 +218,9 @@ class ProcessRecorder:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        timer = loop.call_later(self._deadline, self._expire, waiter)
         try:
-            return await waiter
+            return await wait_within(waiter, self._deadline, self._late)  # type: ignore[no-any-return]
         finally:
-            timer.cancel()
             del self._pending[job]
 
     def _flush(self) -> None:
@@ -235,9 +230,8 @@ class ProcessRecorder:
             self._transport.write(b"".join(out))
         # else: the child is gone, and `_lost` answers every waiting webhook
 
-    def _expire(self, waiter: asyncio.Future[Stored]) -> None:
-        if not waiter.done():
-            waiter.set_exception(StorageUnavailable(f"the webhook was not committed within {self._deadline:g} s"))
+    def _late(self) -> StorageUnavailable:
+        return StorageUnavailable(f"the webhook was not committed within {self._deadline:g} s")
 
     def check(self) -> None:
         if not self._up:
@@ -297,11 +291,7 @@ class ProcessRecorder:
         child = self._child
         if child is None:
             return None
-        try:
-            code = await asyncio.to_thread(child.wait, timeout)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            code = await asyncio.to_thread(child.wait)
+        code = await asyncio.to_thread(_wait_or_kill, child, timeout)
         log.info("webhook_writer_exited", pid=child.pid, exit_code=code)
         return code
 
@@ -317,6 +307,15 @@ class ProcessRecorder:
         if self._socket is not None:
             self._socket.close()
         await self._reap(timeout=STOP_SECONDS)
+
+
+def _wait_or_kill(child: subprocess.Popen[bytes], timeout: float) -> int:
+    """The child's exit status, waited for `timeout` seconds, then killed."""
+    try:
+        return child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
 
 
 class _Replies(asyncio.Protocol):

@@ -24,6 +24,14 @@ class Recorder(Protocol):
         """Raise `StorageUnavailable` while events cannot be recorded (readiness)."""
         ...
 
+    async def start(self) -> None:
+        """Before the first `record` (the app's startup)."""
+        ...
+
+    async def close(self) -> None:
+        """After the last `record` (the app's shutdown, once requests have drained)."""
+        ...
+
 
 @dataclass(frozen=True)
 class LedgerRecorder:
@@ -35,3 +43,9 @@ class LedgerRecorder:
 
     def check(self) -> None:
         pass  # the ledger's own check (readiness) covers its writer
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass  # the ledger is closed by its owner, after this

@@ -56,6 +56,21 @@ def resolve_all(outcomes: Iterable[tuple[Job, BaseException | None, Any]]) -> No
             pass  # the loop is closed: no one waits any more
 
 
+async def wait_within(waiter: asyncio.Future[Any], seconds: float, late: Callable[[], BaseException]) -> Any:
+    """`await waiter`, or `late()` raised once `seconds` have passed. Giving up waiting does
+    not cancel the work behind it: it may still commit later, unacknowledged."""
+    timer = asyncio.get_running_loop().call_later(seconds, _expire, waiter, late)  # no closure per call: the webhook path
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[Any], late: Callable[[], BaseException]) -> None:
+    if not waiter.done():
+        waiter.set_exception(late())
+
+
 def _settle_waiters(items: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
     for waiter, error, result in items:
         if not waiter.done():  # cancelled, or timed out meanwhile

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.batch import Outcome
 from storage.engine import make_engine
 from storage.errors import SchemaNotCurrent, StorageUnavailable
-from storage.group_commit import GroupCommitWriter, Job, commit_jobs, resolve_all
+from storage.group_commit import GroupCommitWriter, Job, commit_jobs, resolve_all, wait_within
 from storage.ledger import Work
 from storage.schema import current_revision, head_revision
 from storage.session import LedgerSession
@@ -61,15 +61,7 @@ class SqlLedger:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = loop.create_future()
         self._writer.submit_waiter(work, loop, waiter)
-        timer = loop.call_later(self.write_deadline_seconds, self._expire, waiter)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-
-    def _expire(self, waiter: asyncio.Future[Any]) -> None:
-        if not waiter.done():
-            waiter.set_exception(self._late())
+        return await wait_within(waiter, self.write_deadline_seconds, self._late)  # type: ignore[no-any-return]
 
     def commit_here(self, works: Sequence[Work[Any]]) -> list[Future[Any]]:
         """`works` committed as one batch of the writer, in the calling thread, now: for a
