@@ -89,6 +89,7 @@ class PassSummary:
 
 @dataclass
 class PageResult:
+    checked: int = 0  # the page's deltas
     fixed: int = 0
     found: Counter[str] = field(default_factory=Counter)
     errors: int = 0
@@ -213,42 +214,55 @@ class Reconciler:
     # -- stale deltas -------------------------------------------------------------
 
     async def _stale_deltas(self, summary: PassSummary, now: datetime, held: Held) -> int:
+        """Every stale delta, a page at a time. A page is written while the next one is read
+        and looked up (the lookups wait on PacSpace, the writing on the database: one
+        overlaps the other); one page is written at a time, in order."""
         cutoff, stuck_cutoff = now - self.stale_after, now - self.stuck_after
         answers: dict[str, Lookup] = {}
         throttle = Throttle(self.clock, self.sleep)
         after: tuple[datetime, int] | None = None
         opened = 0
-        while True:
-            self._stop_if_asked()
-            if not await anyio.to_thread.run_sync(held.still_held):
-                raise PassStopped("the pass lock was lost (its database connection broke)")
-            kept, page = await self.ledger.read(partial(_next_page, answers=list(answers), cutoff=cutoff, after=after, limit=self.page_size))
-            # the answers later pages need, no more: the pass's memory follows a page, not the stale count
-            answers = {anchor: answers[anchor] for anchor in kept}
-            if not page:
-                return opened
-            after = (page[-1][2], page[-1][0])
-            anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
-            looked_up = await self._look_up(anchors, throttle, summary)
-            failures = [a for a in looked_up.values() if isinstance(a, PacSpaceError) and a.status != 404]
-            if looked_up and len(failures) == len(looked_up):
-                raise PassStopped(f"PacSpace answered no lookup: {failures[0].code} {failures[0].message}"[:500])
-            summary.errors += len(failures)  # one per anchor PacSpace did not tell us about
-            answers.update(looked_up)
-            work = partial(
-                _apply_page,
-                delta_ids=[delta_id for delta_id, _, _ in page],
-                answers=answers,
-                now=now,
-                stuck_cutoff=stuck_cutoff,
-                run_id=summary.run_id,
-            )
-            result = await (self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
-            summary.checked += len(page)
-            summary.fixed += result.fixed
-            summary.found.update(result.found)
-            summary.errors += result.errors
-            opened += result.opened
+        writing: asyncio.Task[PageResult] | None = None  # the page being written
+        try:
+            while True:
+                self._stop_if_asked()
+                if not await anyio.to_thread.run_sync(held.still_held):
+                    raise PassStopped("the pass lock was lost (its database connection broke)")
+                # a page written meanwhile changes none of these rows: they all come after it
+                kept, page = await self.ledger.read(partial(_next_page, answers=list(answers), cutoff=cutoff, after=after, limit=self.page_size))
+                # the answers later pages need, no more: the pass's memory follows a page, not the stale count
+                # (a new dict: the page being written keeps its own)
+                answers = {anchor: answers[anchor] for anchor in kept}
+                if not page:
+                    break
+                after = (page[-1][2], page[-1][0])
+                anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
+                looked_up = await self._look_up(anchors, throttle, summary)
+                failures = [a for a in looked_up.values() if isinstance(a, PacSpaceError) and a.status != 404]
+                if looked_up and len(failures) == len(looked_up):
+                    raise PassStopped(f"PacSpace answered no lookup: {failures[0].code} {failures[0].message}"[:500])
+                summary.errors += len(failures)  # one per anchor PacSpace did not tell us about
+                answers.update(looked_up)
+                work = partial(
+                    _apply_page,
+                    delta_ids=[delta_id for delta_id, _, _ in page],
+                    answers=answers,
+                    now=now,
+                    stuck_cutoff=stuck_cutoff,
+                    run_id=summary.run_id,
+                )
+                if writing is not None:
+                    finished, writing = writing, None
+                    opened += _count_page(summary, await finished)
+                writing = asyncio.ensure_future(self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+            if writing is not None:
+                finished, writing = writing, None
+                opened += _count_page(summary, await finished)
+            return opened
+        finally:
+            if writing is not None:  # leaving early: the page being written is committed or not, and counted if it was
+                with contextlib.suppress(Exception):
+                    _count_page(summary, await writing)
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)
@@ -338,6 +352,15 @@ class Reconciler:
                 log.warning("redelivery_not_requested", event_id=event_id, code=answer.code)
             else:
                 summary.redeliveries += 1
+
+def _count_page(summary: PassSummary, result: PageResult) -> int:
+    """Add a written page's result to the pass's; the discrepancies it opened."""
+    summary.checked += result.checked
+    summary.fixed += result.fixed
+    summary.found.update(result.found)
+    summary.errors += result.errors
+    return result.opened
+
 
 def _next_page(
     session: LedgerSession, *, answers: list[str], cutoff: datetime, after: tuple[datetime, int] | None, limit: int
@@ -430,7 +453,7 @@ def _apply_page(
     except Exception as exc:  # NotReadAhead, or an answer we did not foresee
         log.warning("reconcile_page_redone", deltas=len(delta_ids), error=f"{type(exc).__name__}: {exc}"[:500])
         result = _reconcile_one_by_one(session, delta_ids, answers, now, stuck_cutoff, run_id)
-    result.opened = session.count_open_discrepancies() - open_before
+    result.checked, result.opened = len(delta_ids), session.count_open_discrepancies() - open_before
     return result
 
 

@@ -25,6 +25,7 @@ from storage.models import (
     WebhookEvent,
     WebhookTally,
 )
+from storage import jsonio
 from storage.driver_sql import EVENT_COLUMNS, statements_for
 from storage.report_queries import ReportQueries
 from storage.rollup_sql import POSTGRES_FOLD
@@ -53,9 +54,61 @@ _DISCREPANCY_COLUMNS = tuple(c.name for c in Discrepancy.__table__.columns if c.
 def _open_discrepancies_statement(dialect: str) -> Any:
     """INSERT a discrepancy; when one of its kind and subject is open, count its sightings
     on that row instead and keep the newest evidence (the partial unique index decides).
-    Built once per dialect; executed with a list of rows, sent as multi-row INSERTs."""
+    Built once per dialect; executed with a row, or a list of rows (multi-row INSERTs)."""
+    return _upsert_discrepancies((sqlite_insert if dialect == "sqlite" else postgresql_insert)(Discrepancy.__table__))
+
+
+@functools.cache
+def _open_discrepancies_from_arrays() -> Any:
+    """The same upsert on PostgreSQL for many rows, bound as one array per column (a fixed
+    text: psycopg converts a statement of more than 50 parameters again on every call,
+    and a page's multi-row VALUES took a tenth of a reconciliation pass's CPU)."""
     table = Discrepancy.__table__
-    statement = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(table)
+    columns = _DISCREPANCY_COLUMNS
+    arrays = ", ".join(f"CAST(:{name} AS {_ARRAY_ELEMENT.get(name, 'text')}[])" for name in columns)
+    # json from its text as the engine's serializer wrote it: a json column keeps the text as given
+    picked = ", ".join("CAST(evidence AS json)" if name == "evidence" else name for name in columns)
+    rows = text(
+        f"SELECT {picked} FROM unnest({arrays}) WITH ORDINALITY AS given({', '.join(columns)}, position) ORDER BY position"
+    ).columns(*(table.c[name] for name in columns))
+    return _upsert_discrepancies(postgresql_insert(table).from_select(list(columns), rows))
+
+
+# the array element type of each non-text column (text for the rest: a cast to VARCHAR(n)
+# would cut a longer value short instead of refusing it)
+_ARRAY_ELEMENT = {
+    "delta_id": "integer",
+    "run_id": "integer",
+    "occurrences": "integer",
+    "first_seen_at": "timestamptz",
+    "last_seen_at": "timestamptz",
+    "resolved_at": "timestamptz",
+}
+
+
+def _as_arrays(rows: list[dict[str, Any]], session: Session) -> dict[str, list[Any]]:
+    """`rows` as one list per column, each value as the column's own type would bind it
+    (the timestamps' processor refuses a naive one) and the evidence as the engine's JSON text."""
+    processors = _bind_processors(session.get_bind().dialect)
+    arrays: dict[str, list[Any]] = {}
+    for name in _DISCREPANCY_COLUMNS:
+        values = [row[name] for row in rows]
+        if name == "evidence":
+            arrays[name] = [jsonio.dumps(value) for value in values]
+        else:
+            process = processors[name]
+            arrays[name] = values if process is None else [process(value) for value in values]
+    return arrays
+
+
+@functools.cache
+def _bind_processors(dialect: Any) -> dict[str, Any]:
+    table = Discrepancy.__table__
+    return {name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in _DISCREPANCY_COLUMNS}
+
+
+def _upsert_discrepancies(statement: Any) -> Any:
+    table = Discrepancy.__table__
     return statement.on_conflict_do_update(
         index_elements=[table.c.kind, table.c.subject],
         index_where=_OPEN_SQL,
@@ -94,6 +147,15 @@ def _deltas_by_sequences_statement(slots: int) -> Any:
     return select(LocalDelta).where(
         or_(*(and_(LocalDelta.customer_id == bindparam(f"c{n}"), LocalDelta.sequence_number == bindparam(f"s{n}")) for n in range(slots)))
     )
+
+
+# PostgreSQL: a join with the pairs given as two arrays, one index seek per pair
+_DELTAS_AT_SEQUENCES = select(LocalDelta).from_statement(
+    text(
+        "SELECT local_delta.* FROM unnest(CAST(:customers AS text[]), CAST(:numbers AS text[])) AS wanted(customer_id, sequence_number)"
+        " JOIN local_delta ON local_delta.customer_id = wanted.customer_id AND local_delta.sequence_number = wanted.sequence_number"
+    )
+)
 
 
 # built once: every webhook looks its deltas up, and a reused statement keeps its cache key
@@ -225,9 +287,13 @@ class LedgerSession:
         return self._session.scalars(statement.limit(1)).first()
 
     def deltas_by_sequences(self, keys: Sequence[tuple[str, str]]) -> list[LocalDelta]:
-        """Every delta whose (customer id, sequence number) is one of `keys`, in one query
-        per 512 keys (each key one seek in `ix_local_delta_customer_sequence`)."""
+        """Every delta whose (customer id, sequence number) is one of `keys`, each key one
+        seek in `ix_local_delta_customer_sequence`: on SQLite one query per 512 keys, on
+        PostgreSQL one query."""
         keys = sorted(set(keys))
+        if self._dialect == "postgresql":  # one array each: a fixed text (see _open_discrepancies_from_arrays)
+            customers, numbers = [customer for customer, _ in keys], [number for _, number in keys]
+            return list(self._session.scalars(_DELTAS_AT_SEQUENCES, {"customers": customers, "numbers": numbers}))
         found: list[LocalDelta] = []
         for start in range(0, len(keys), _SEQUENCE_SLOTS_MAX):
             chunk = keys[start : start + _SEQUENCE_SLOTS_MAX]
@@ -351,7 +417,10 @@ class LedgerSession:
         subject is open already counts its `occurrences` as more sightings of that row, as
         `open_discrepancy` does one by one (no two open rows here may share kind and subject).
         Returns each row's id by (kind, subject, status)."""
-        returned = self._session.execute(_open_discrepancies_statement(self._dialect), rows)
+        if self._dialect == "postgresql":
+            returned = self._session.execute(_open_discrepancies_from_arrays(), _as_arrays(rows, self._session))
+        else:
+            returned = self._session.execute(_open_discrepancies_statement(self._dialect), rows)
         return {(row.kind, row.subject, row.status): row.id for row in returned}
 
     def occurrences(self, discrepancy_id: int) -> int:

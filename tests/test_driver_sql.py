@@ -87,3 +87,15 @@ def test_anchors_with_deltas(ledger: SqlLedger) -> None:
     register(ledger, local(1), local(2), local(3, anchor_id=None))
     asked = {"a_1", "a_2", "a_3", "a_404"} | {f"x_{n}" for n in range(CHUNK + 5)}  # more than one statement's worth
     assert ledger.read_sync(lambda s: s.anchors_with_deltas(asked)) == {"a_1", "a_2"}
+
+
+def test_a_value_longer_than_its_column_is_refused_not_cut_short(ledger: SqlLedger, database_url: str) -> None:
+    # PostgreSQL binds whole columns as arrays there; an explicit cast to VARCHAR(n) would
+    # cut a long value to n characters silently (and two long ids sharing a prefix would
+    # then be one event). SQLite does not hold strings to a length at all.
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite keeps a string of any length")
+    long_id = "evt_" + "x" * 300
+    with pytest.raises(Exception, match="value too long"):
+        ledger.transact_sync(lambda s: s.insert_events([row(1, event_id=long_id)]))
+    assert ledger.read_sync(lambda s: s.count_events()) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from collections.abc import Iterator
@@ -170,3 +171,23 @@ def test_late_orphans_are_read_through_an_orphan_index(ledger: SqlLedger) -> Non
     found = plan(ledger, lambda s: s.orphans_with_a_delta(1000))
     assert re.search("ix_webhook_event_orphan_(anchor|age)", found), found
     assert not re.search(r"Seq Scan on webhook_event|SCAN webhook_event\b(?! USING)", found), found
+
+
+def test_the_webhook_batchs_anchor_lookup_uses_the_anchor_index(ledger: SqlLedger) -> None:
+    # the writer asks it for every batch of webhooks, on the DB-API cursor (storage.driver_sql)
+    from storage.driver_sql import statements_for
+
+    statements = statements_for(ledger.engine.dialect)
+    anchors = [f"a_{n}" for n in range(0, 20_000, 701)]  # a batch's worth, 1 in 700 of the table
+
+    def work(session: LedgerSession) -> str:
+        cursor = session._session.connection().connection.cursor()
+        if ledger.dialect == "postgresql":
+            cursor.execute("EXPLAIN " + statements._anchors_array_sql, [anchors])
+        else:
+            cursor.execute("EXPLAIN QUERY PLAN " + statements._anchors_sql(len(anchors)), anchors)
+        return "\n".join(" ".join(str(c) for c in row) for row in cursor.fetchall())
+
+    found = ledger.read_sync(work)
+    assert "ux_local_delta_anchor_item" in found, found
+    assert not re.search(r"Seq Scan on local_delta|SCAN local_delta\b(?! USING)", found), found

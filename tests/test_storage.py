@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
 
@@ -198,6 +198,33 @@ def test_a_second_sighting_updates_the_open_discrepancy(ledger: SqlLedger) -> No
         NOW,
         NOW.replace(hour=13),
     )
+
+
+def test_many_findings_at_once_are_stored_in_order_and_as_one_at_a_time_would_be(ledger: SqlLedger) -> None:
+    from storage.session import discrepancy_row, fixed_row
+
+    add_deltas(ledger, [new_delta(n, Decimal(n)) for n in (1, 2, 3)])
+    evidence = {"amount": Decimal("-42.50"), "detail": "caf\u00e9 \u2603", "nested": {"n": [1, None]}}
+
+    def finding(n: int, kind: str = "stuck") -> dict[str, object]:
+        return {"kind": kind, "subject": f"delta:{n}", "delta_id": n, "anchor_id": None, "customer_id": f"c{n}",
+                "event_id": None, "run_id": None, "detected_by": "reconciler", "evidence": evidence}
+
+    ledger.transact_sync(lambda s: s.open_discrepancy(finding(2), NOW))  # open already: a second sighting below
+    later = NOW.replace(hour=13)
+    rows = [discrepancy_row(finding(3), later), discrepancy_row(finding(2), later), discrepancy_row(finding(1), later),
+            fixed_row(finding(1, "missing_webhook"), "fixed", later)]
+    ids = ledger.transact_sync(lambda s: s.open_discrepancies_together(rows))
+
+    new = [ids[("stuck", "delta:3", "open")], ids[("stuck", "delta:1", "open")], ids[("missing_webhook", "delta:1", "resolved")]]
+    assert new == sorted(new)  # ids in the order the rows were given, as one statement each would give them
+    everything = ledger.read_sync(lambda s: list(s._session.scalars(select(Discrepancy))))
+    stored = {(d.kind, d.subject): d for d in everything}
+    again = stored[("stuck", "delta:2")]
+    assert (again.id, again.occurrences, again.first_seen_at, again.last_seen_at) == (ids[("stuck", "delta:2", "open")], 2, NOW, later)
+    fixed = stored[("missing_webhook", "delta:1")]
+    assert (fixed.status, fixed.resolution_note, fixed.resolved_at, fixed.customer_id) == ("resolved", "fixed", later, "c1")
+    assert all(d.evidence == evidence for d in stored.values())  # exact amounts and text, through JSON
 
 
 def test_rows_read_in_the_same_transaction_see_each_sighting(ledger: SqlLedger) -> None:
