@@ -11,8 +11,11 @@ hence an option (PACRECON_WEBHOOK_WRITER=process), not the default.
 Protocol, over a socketpair, frames of a 4-byte big-endian length and a pickle (it only
 ever crosses between these two processes; the body travels as bytes inside it):
   parent -> child: a `WriterConfig` once, then (job, raw body, signature timestamp, received at)
-  child -> parent: ("ready", pid) once, then (job, None, stored fields) or (job, error, None)
-The child answers a job only after the commit that holds it returned.
+  child -> parent: ("ready", pid) once, then (job, "stored", `Stored` fields) once the commit
+  that holds it returned, (job, "invalid", why) for a body that is no event we can read, or
+  (job, "unavailable", why) when it could not be recorded.
+The daemon verifies each webhook's signature; the child parses the body (the daemon's
+event loop never does: its CPU is the ingest's limit, bench/RESULTS.md).
 
 Failures: when the child is gone (its end of the socket closes), every webhook waiting
 for it is answered StorageUnavailable (503: PacSpace delivers again, and an event the
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from receiver.stored import Stored
+from reconciler.errors import InvalidEvent
 from storage.errors import StorageUnavailable
 from storage.group_commit import wait_within
 from storage.vocabulary import EventOutcome
@@ -205,8 +209,7 @@ class ProcessRecorder:
         if self._child is not None:
             _wait_or_kill(self._child, STOP_SECONDS)
 
-    async def record(self, event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
-        # the child parses the body again (it was verified here): cheaper than sending the event
+    async def record(self, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
         if not self._up:
             raise StorageUnavailable("the webhook writer process is not running (it is being restarted)")
         job = self._next_job = self._next_job + 1
@@ -246,16 +249,18 @@ class ProcessRecorder:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(int(message[1]))
             return
-        job, error, fields = message
+        job, kind, payload = message
         self._unanswered.pop(job, None)
         waiter = self._pending.get(job)
         if waiter is None or waiter.done():  # timed out meanwhile
             return
-        if error is not None:
-            waiter.set_exception(StorageUnavailable(error))
+        if kind == "stored":
+            event_id, event_type, duplicate, outcome, anchor_id, kinds = payload
+            waiter.set_result(Stored(event_id, event_type, duplicate, EventOutcome(outcome) if outcome else None, anchor_id, tuple(kinds)))
+        elif kind == "invalid":
+            waiter.set_exception(InvalidEvent(payload))
         else:
-            duplicate, outcome, anchor_id, kinds = fields
-            waiter.set_result(Stored(duplicate, EventOutcome(outcome) if outcome else None, anchor_id, tuple(kinds)))
+            waiter.set_exception(StorageUnavailable(payload))
 
     def _lost(self) -> None:
         self._up, self._transport = False, None
@@ -362,15 +367,16 @@ def _batches(connection: socket.socket) -> Iterator[list[Any]]:
             return
 
 
-def _reply(job: int, future: Future[Any]) -> bytes:
+def _reply(job: int, event: PacSpaceEvent, future: Future[Any]) -> bytes:
     try:
-        stored = Stored.of(future.result())
+        stored = Stored.of(event, future.result())
     except StorageUnavailable as exc:
-        return _frame((job, str(exc), None))
+        return _frame((job, "unavailable", str(exc)))
     except Exception as exc:  # a bug: answered 503, logged here, never a 2xx
         log.error("webhook_not_recorded", job=job, error=f"{type(exc).__name__}: {exc}"[:500])
-        return _frame((job, f"recording failed: {type(exc).__name__}", None))
-    return _frame((job, None, (stored.duplicate, stored.outcome.value if stored.outcome else None, stored.anchor_id, stored.finding_kinds)))
+        return _frame((job, "unavailable", f"recording failed: {type(exc).__name__}"))
+    outcome = stored.outcome.value if stored.outcome else None
+    return _frame((job, "stored", (stored.event_id, stored.event_type, stored.duplicate, outcome, stored.anchor_id, stored.finding_kinds)))
 
 
 def main(descriptor: int) -> int:
@@ -383,7 +389,6 @@ def main(descriptor: int) -> int:
     # imported here: the daemon's side needs none of it
     from pacrecon.logs import configure_logging
     from reconciler.apply import RecordEvent
-    from reconciler.errors import InvalidEvent
     from reconciler.events import parse_event
     from storage.sql_ledger import MAX_BATCH, SqlLedger
 
@@ -404,14 +409,15 @@ def main(descriptor: int) -> int:
             for job, raw_body, signature_timestamp, received_at in messages:
                 try:
                     event = parse_event(raw_body)
-                except InvalidEvent as exc:  # the daemon parsed it already: not expected
-                    out.append(_frame((job, f"the event could not be parsed again: {exc}", None)))
+                except InvalidEvent as exc:  # answered 400 by the daemon; nothing to record
+                    out.append(_frame((job, "invalid", str(exc))))
                     continue
                 jobs.append(job)
                 works.append(RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(received_at, UTC)))
             for start in range(0, len(works), MAX_BATCH):
                 futures = ledger.commit_here(works[start : start + MAX_BATCH])
-                out += [_reply(job, future) for job, future in zip(jobs[start : start + MAX_BATCH], futures, strict=True)]
+                batch = zip(jobs[start : start + MAX_BATCH], works[start : start + MAX_BATCH], futures, strict=True)
+                out += [_reply(job, work.event, future) for job, work, future in batch]
                 connection.sendall(b"".join(out))  # each committed batch answered at once
                 out = []
             if out:

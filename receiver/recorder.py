@@ -10,14 +10,18 @@ from typing import Protocol
 
 from receiver.stored import Stored
 from reconciler.apply import RecordEvent
-from reconciler.events import PacSpaceEvent
+from reconciler.events import parse_event
 from storage.ledger import Ledger
 
 
 class Recorder(Protocol):
-    async def record(self, event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
-        """Record `event` (parsed from `raw_body`, received at Unix time `received_at`) durably (exactly once: a repeat is a duplicate); raises
-        `StorageUnavailable` when it cannot, and then nothing was acknowledged."""
+    async def record(self, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
+        """Parse the event in `raw_body` (its signature verified; received at Unix time
+        `received_at`) and record it durably (exactly once: a repeat is a duplicate).
+        Raises `InvalidEvent` when the body is no event we can read, `StorageUnavailable`
+        when it cannot be recorded; either way nothing was acknowledged. The recorder
+        parses, not the route: the writer process parses in its own interpreter, so the
+        daemon's event loop never parses the body at all."""
         ...
 
     def check(self) -> None:
@@ -37,9 +41,10 @@ class Recorder(Protocol):
 class LedgerRecorder:
     ledger: Ledger
 
-    async def record(self, event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
+    async def record(self, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
+        event = parse_event(raw_body)
         now = datetime.fromtimestamp(received_at, UTC)
-        return Stored.of(await self.ledger.transact(RecordEvent(event, raw_body, signature_timestamp, now)))
+        return Stored.of(event, await self.ledger.transact(RecordEvent(event, raw_body, signature_timestamp, now)))
 
     def check(self) -> None:
         pass  # the ledger's own check (readiness) covers its writer

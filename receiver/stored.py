@@ -10,15 +10,19 @@ from storage.vocabulary import EventOutcome
 
 if TYPE_CHECKING:
     from reconciler.apply import Recorded
+    from reconciler.events import PacSpaceEvent
 
 
 @dataclass(frozen=True)
 class Stored:
+    event_id: str
+    event_type: str
     duplicate: bool
     outcome: EventOutcome | None  # None for a duplicate
     anchor_id: str | None
     finding_kinds: tuple[str, ...] = ()  # the kinds of discrepancy it showed, sorted
 
     @classmethod
-    def of(cls, recorded: Recorded) -> Stored:
-        return cls(recorded.duplicate, recorded.outcome, recorded.anchor_id, tuple(sorted({f.kind.value for f in recorded.findings})))
+    def of(cls, event: PacSpaceEvent, recorded: Recorded) -> Stored:
+        kinds = tuple(sorted({f.kind.value for f in recorded.findings}))
+        return cls(event.event_id, event.event_type, recorded.duplicate, recorded.outcome, recorded.anchor_id, kinds)

@@ -1,4 +1,4 @@
-"""`POST /webhooks/pacspace`: verify, parse, record durably, then acknowledge.
+"""`POST /webhooks/pacspace`: verify, then parse and record durably (the recorder), then acknowledge.
 
 The hot path of the daemon, so it is a plain ASGI app: no Request object, no framework
 layer between uvicorn and the ledger (`WebhookFastPath` puts it in front of Starlette's
@@ -23,7 +23,6 @@ from receiver.errors import RequestError, answer_error
 from receiver.recorder import Recorder
 from receiver.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_signature
 from reconciler.errors import InvalidEvent
-from reconciler.events import parse_event
 from storage.errors import StorageUnavailable
 from storage.vocabulary import EventOutcome
 
@@ -89,20 +88,20 @@ class WebhookReceiver:
             signature_timestamp = verify_signature(
                 raw_body, signature, timestamp, secrets=self.secrets, tolerance_seconds=self.tolerance_seconds, now=self.clock()
             )
-            event = parse_event(raw_body)
         except SignatureError as exc:
             self.log.warning("webhook_rejected", reason=exc.code, client=_client(scope))
             raise
+        try:
+            stored = await self.recorder.record(raw_body, signature_timestamp, self.clock())  # parses the body
         except InvalidEvent:
             self.log.warning("webhook_rejected", reason="invalid_payload", client=_client(scope))
             raise
-        stored = await self.recorder.record(event, raw_body, signature_timestamp, self.clock())
         answer = "duplicate" if stored.duplicate else "ignored" if stored.outcome is EventOutcome.IGNORED else "recorded"
         outcome = stored.outcome.value if stored.outcome and not stored.duplicate else "duplicate"
         self.log.info(
             "webhook",
-            event_id=event.event_id,
-            event_type=event.event_type,
+            event_id=stored.event_id,
+            event_type=stored.event_type,
             anchor_id=stored.anchor_id,
             outcome=outcome,
             discrepancies=list(stored.finding_kinds) or None,

@@ -52,7 +52,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _post(daemon: Daemon, body: dict[str, object]) -> httpx.Response:
+def _post(daemon: Daemon, body: dict[str, object] | bytes) -> httpx.Response:
     webhook = sign(body)
     return httpx.post(f"{daemon.url}/webhooks/pacspace", content=webhook.body, headers=webhook.headers, timeout=60)
 
@@ -152,10 +152,21 @@ def test_either_writer_records_once_and_answers_a_duplicate(tmp_path: Path, writ
         body = envelope(data={"recordId": "a_once"})
         assert _post(daemon, body).json() == {"status": "recorded"}
         assert _post(daemon, body).json() == {"status": "duplicate"}
+        # signed, yet no event: refused with the reason (the writer process parses it, not the daemon)
+        for raw, why in ((b"[1, 2]", "must be a JSON object"), (b"\xff{", "not valid UTF-8"), (b'{"id": ', "not JSON")):
+            refused = _post(daemon, raw)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["code"] == "invalid_payload"
+            assert why in refused.json()["error"]["message"]
         assert httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200
+        assert _post(daemon, envelope(data={"recordId": "a_after"})).json() == {"status": "recorded"}
     finally:
         assert daemon.stop() == 0
     assert stored_events(url, str(body["id"])) == 1
+    logged = [e for e in daemon.log_events() if e.get("event") == "webhook"]
+    assert [(e["event_id"], e["event_type"], e["outcome"]) for e in logged[:2]] == [
+        (body["id"], body["event"], "orphan"), (body["id"], body["event"], "duplicate")]
+    assert [e["reason"] for e in daemon.log_events() if e.get("event") == "webhook_rejected"] == ["invalid_payload"] * 3
 
 
 # -- the daemon's side of the protocol, against a child played by the test over a real socketpair
@@ -198,12 +209,12 @@ def test_a_child_that_stops_answering_fails_its_webhooks_then_readiness_until_it
         await recorder.start()
         recorder.check()
         with pytest.raises(StorageUnavailable, match="not committed within"):
-            await recorder.record(None, b"{}", 0, 0.0)  # type: ignore[arg-type]
+            await recorder.record(b"{}", 0, 0.0)
         with pytest.raises(StorageUnavailable, match="has not answered"):
             recorder.check()
         [(job, body, _, _)] = _frames(bytearray(child.recv(65536)))
         assert body == b"{}"
-        child.sendall(_frame((job, None, (False, "orphan", "a_1", ()))))  # it answers at last
+        child.sendall(_frame((job, "stored", ("evt_1", "delta.verified", False, "orphan", "a_1", ()))))  # it answers at last
         for _ in range(100):
             await asyncio.sleep(0.01)
             with contextlib.suppress(StorageUnavailable):
