@@ -7,8 +7,9 @@ In one run, on loopback, with the same load generators and the same signed bodie
       created on PACRECON_BENCH_DATABASE_URL's server and dropped at the end.
 Peak: wrk (closed loop, one thread, CONNECTIONS connections) for ROUNDS rounds, the targets
 interleaved within each round; medians are reported. Then a fixed-rate open-loop run
-(bench/openloop.py, its own process) at 80 % of each daemon's median peak, and of the
-SQLite rate against the bare app to show the generator keeps up.
+(bench/openloop.c, built with gcc into the run's work directory and run as its own process)
+at 80 % of each daemon's median peak, and of the SQLite rate against the bare app to show the
+generator keeps up; each open-loop run also reports the generator's own CPU per request.
 With --process-writer-too, each backend has a second daemon with PACRECON_WEBHOOK_WRITER=process
 (`<backend>_process`), driven the same way, and also open-loop at its thread twin's rate
 (`<backend>_process_at_thread_rate`): the two writers at one rate. Each wrk run reports the CPU
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -128,12 +130,30 @@ def cpu_per_request(before: tuple[dict[str, float], float, os.times_result, floa
     return {name: round(seconds / max(requests, 1) * 1e6, 1) for name, seconds in used.items()}
 
 
-def run_openloop(port: int, bodies: Path, rate: float, seconds: float) -> dict[str, float]:
-    result = subprocess.run(
-        [sys.executable, str(HERE / "openloop.py"), "127.0.0.1", str(port), str(bodies), f"{rate:.1f}", str(seconds)],
-        capture_output=True, text=True, check=True,
-    )
-    return json.loads(result.stdout)
+def build_openloop(workdir: Path) -> Path:
+    """Compile the open-loop generator (bench/openloop.c) once per run, into the run's work directory."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SystemExit("bench/ingest.py needs gcc to build its open-loop generator bench/openloop.c (apt-get install gcc)")
+    binary = workdir / "openloop"
+    built = subprocess.run([gcc, "-O2", "-Wall", "-Wextra", "-std=gnu11", "-o", str(binary), str(HERE / "openloop.c"), "-lm"],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"gcc could not build bench/openloop.c:\n{built.stderr}")
+    return binary
+
+
+def run_openloop(generator: Path, port: int, bodies: Path, rate: float, seconds: float) -> dict[str, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run([str(generator), "127.0.0.1", str(port), str(bodies), f"{rate:.1f}", str(seconds)], capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"the open-loop generator failed ({result.returncode}): {result.stderr.strip()}")
+    out = json.loads(result.stdout)
+    # its own CPU (this process's reaped children: only the generator ran and ended in between)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    out["generator_cpu_us_per_request"] = round(cpu / max(out["sent"], 1) * 1e6, 1)
+    return out
 
 
 def count_rows(url: str) -> int:
@@ -196,6 +216,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pacrecon-bench-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
+        generator = build_openloop(work)  # before the long peak runs: a missing gcc fails at once
         databases: dict[str, str] = {}
         for backend in backends:  # each daemon a database of its own: its rows are counted against its answers
             if backend.startswith("sqlite"):
@@ -263,7 +284,7 @@ def main() -> None:
             count = int(rate * args.openloop_seconds) + 1
             write_bodies(bodies, next_id, count)
             next_id += count
-            result = run_openloop(targets[target][1], bodies, rate, args.openloop_seconds)
+            result = run_openloop(generator, targets[target][1], bodies, rate, args.openloop_seconds)
             result["loadavg"] = os.getloadavg()[0]
             openloop[name] = result
             if name != target:

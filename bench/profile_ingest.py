@@ -5,7 +5,9 @@ script and bodies as bench/ingest.py, and samples it with py-spy (`pip install p
 counting only the thread that holds the GIL: with one GIL, that is the CPU the process
 can use, so the shares below add up to where each request's time goes.
 
-  flock /tmp/bench.lock .venv/bin/python bench/profile_ingest.py [DATABASE_URL] [--webhook-writer process]
+  flock /tmp/bench.lock .venv/bin/python bench/profile_ingest.py [DATABASE_URL] [--webhook-writer process [--sample writer]]
+
+`--sample writer` samples the writer process instead of the daemon's own process.
 """
 
 from __future__ import annotations
@@ -56,9 +58,12 @@ CATEGORIES = [
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("database_url", nargs="?")
-    parser.add_argument("--webhook-writer", choices=["thread", "process"], default="thread",
-                        help="PACRECON_WEBHOOK_WRITER (with process, the daemon's own process is sampled, not its writer)")
+    parser.add_argument("--webhook-writer", choices=["thread", "process"], default="thread", help="PACRECON_WEBHOOK_WRITER")
+    parser.add_argument("--sample", choices=["daemon", "writer"], default="daemon",
+                        help="the process to sample: the daemon's own, or (with --webhook-writer process) its writer process")
     args = parser.parse_args()
+    if args.sample == "writer" and args.webhook_writer != "process":
+        parser.error("--sample writer needs --webhook-writer process")
     url = args.database_url
     work = Path(tempfile.mkdtemp(prefix="pacrecon-profile-"))
     pg_name = None
@@ -72,11 +77,14 @@ def main() -> None:
             admin, (pg_name, url) = url, create_pg_database(url)
         daemon = Daemon(url, work, PACRECON_WEBHOOK_WRITER=args.webhook_writer).start()
         bodies = work / "bodies.tsv"
-        write_bodies(bodies, 0, 40_000)
+        write_bodies(bodies, 0, 200_000)  # more than the fastest daemon takes in the time
         assert daemon.process is not None
+        pid = daemon.process.pid
+        if args.sample == "writer":
+            pid = next(int(e["pid"]) for e in daemon.log_events() if e.get("event") == "webhook_writer_ready")
         raw = work / "profile.txt"
         spy = subprocess.Popen(
-            [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "250", "-d", str(SECONDS), "-f", "raw", "-o", str(raw), "-p", str(daemon.process.pid)],
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "250", "-d", str(SECONDS), "-f", "raw", "-o", str(raw), "-p", str(pid)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
@@ -84,14 +92,19 @@ def main() -> None:
         spy.wait()
         daemon.stop()
         totals: collections.Counter[str] = collections.Counter()
+        leaves: collections.Counter[str] = collections.Counter()  # the function each sample was in
         for line in raw.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             label = next(label for label, marks in CATEGORIES if any(mark in stack for mark in marks))
             totals[label] += int(count)
+            leaves[stack.rsplit(";", 1)[-1]] += int(count)
         samples = sum(totals.values())
         print(json.dumps({"rps": round(result["rps"]), "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "gil_samples": samples}))
         for label, _ in CATEGORIES:
             print(f"{100 * totals[label] / samples:5.1f} %  {label}")
+        print("functions the samples were in, the 15 most frequent:")
+        for leaf, count in leaves.most_common(15):
+            print(f"{100 * count / samples:5.1f} %  {leaf}")
         shutil.copy(raw, Path(tempfile.gettempdir()) / "pacrecon-ingest-profile.txt")
     finally:
         if pg_name is not None:

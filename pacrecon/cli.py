@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import re
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -392,7 +393,9 @@ async def _reconcile_once(settings: Settings, dry_run: bool) -> dict[str, object
     from pacrecon.app import make_reconciler
 
     async with _connected(settings, "to look deltas up at PacSpace") as (ledger, pacspace):
-        summary = await make_reconciler(settings, ledger, pacspace).run_pass(dry_run=dry_run)
+        reconciler = make_reconciler(settings, ledger, pacspace)
+        gc.freeze()  # the modules and the clients live as long as the pass: the collector need not walk them
+        summary = await reconciler.run_pass(dry_run=dry_run)
         return summary.as_dict()
 
 
