@@ -9,11 +9,13 @@ Python. The cost: a second interpreter with the ledger's code (~58 MB) and a slo
 hence an option (PACRECON_WEBHOOK_WRITER=process), not the default.
 
 Protocol, over a socketpair, frames of a 4-byte big-endian length and a pickle (it only
-ever crosses between these two processes; the body travels as bytes inside it):
-  parent -> child: a `WriterConfig` once, then (job, raw body, signature timestamp, received at)
-  child -> parent: ("ready", pid) once, then (job, "stored", `Stored` fields) once the commit
-  that holds it returned, (job, "invalid", why) for a body that is no event we can read, or
-  (job, "unavailable", why) when it could not be recorded.
+ever crosses between these two processes; the body travels as bytes inside it). After the
+first message each way, a frame is a list: whatever one side writes at once, pickled once.
+  parent -> child: a `WriterConfig` once, then lists of (job, raw body, signature timestamp,
+  received at)
+  child -> parent: ("ready", pid) once, then lists of (job, "stored", `Stored` fields) once
+  the commit that holds them returned, (job, "invalid", why) for a body that is no event we
+  can read, or (job, "unavailable", why) when it could not be recorded.
 The daemon verifies each webhook's signature; the child parses the body (the daemon's
 event loop never does: its CPU is the ingest's limit, bench/RESULTS.md).
 
@@ -137,7 +139,7 @@ class ProcessRecorder:
         # webhook's deadline, until the child answers or goes: how readiness sees it stuck
         self._unanswered: dict[int, float] = {}
         self._next_job = 0
-        self._out: list[bytes] = []  # frames written at the end of this turn of the loop, together
+        self._out: list[tuple[Any, ...]] = []  # jobs written at the end of this turn of the loop, as one frame
         self._flush_scheduled = False
         self._up = False
         self._closing = False
@@ -222,7 +224,7 @@ class ProcessRecorder:
         waiter: asyncio.Future[Stored] = loop.create_future()
         self._pending[job] = waiter
         self._unanswered[job] = loop.time()
-        self._out.append(_frame((job, raw_body, signature_timestamp, received_at)))
+        self._out.append((job, raw_body, signature_timestamp, received_at))
         if len(self._out) >= FLUSH_EVERY:
             self._write_out()
         elif not self._flush_scheduled:
@@ -240,7 +242,7 @@ class ProcessRecorder:
     def _write_out(self) -> None:
         out, self._out = self._out, []
         if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(out))
+            self._transport.write(_frame(out))
         # else: nothing waits, or the child is gone and `_lost` answers every waiting webhook
 
     def _late(self) -> StorageUnavailable:
@@ -254,12 +256,15 @@ class ProcessRecorder:
             if waited > self._deadline:
                 raise StorageUnavailable(f"the webhook writer process has not answered for {waited:.0f} s")
 
-    def _reply(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "ready":
+    def _replies(self, message: tuple[Any, ...] | list[tuple[Any, ...]]) -> None:
+        if isinstance(message, tuple):  # ("ready", pid): the only message that is no list
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(int(message[1]))
             return
-        job, kind, payload = message
+        for reply in message:
+            self._reply(*reply)
+
+    def _reply(self, job: int, kind: str, payload: Any) -> None:
         self._unanswered.pop(job, None)
         waiter = self._pending.get(job)
         if waiter is None or waiter.done():  # timed out meanwhile
@@ -341,7 +346,7 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         for message in _frames(self._buffer):
-            self._owner._reply(message)
+            self._owner._replies(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner._lost()
@@ -377,16 +382,16 @@ def _batches(connection: socket.socket) -> Iterator[list[Any]]:
             return
 
 
-def _reply(job: int, event: PacSpaceEvent, future: Future[Any]) -> bytes:
+def _reply(job: int, event: PacSpaceEvent, future: Future[Any]) -> tuple[Any, ...]:
     try:
         stored = Stored.of(event, future.result())
     except StorageUnavailable as exc:
-        return _frame((job, "unavailable", str(exc)))
+        return (job, "unavailable", str(exc))
     except Exception as exc:  # a bug: answered 503, logged here, never a 2xx
         log.error("webhook_not_recorded", job=job, error=f"{type(exc).__name__}: {exc}"[:500])
-        return _frame((job, "unavailable", f"recording failed: {type(exc).__name__}"))
+        return (job, "unavailable", f"recording failed: {type(exc).__name__}")
     outcome = stored.outcome.value if stored.outcome else None
-    return _frame((job, "stored", (stored.event_id, stored.event_type, stored.duplicate, outcome, stored.anchor_id, stored.finding_kinds)))
+    return (job, "stored", (stored.event_id, stored.event_type, stored.duplicate, outcome, stored.anchor_id, stored.finding_kinds))
 
 
 def main(descriptor: int) -> int:
@@ -414,14 +419,14 @@ def main(descriptor: int) -> int:
     try:
         connection.sendall(_frame(("ready", os.getpid())))
         for messages in batches:
-            out: list[bytes] = []
+            out: list[tuple[Any, ...]] = []
             jobs: list[int] = []
             works: list[RecordEvent] = []
-            for job, raw_body, signature_timestamp, received_at in messages:
+            for job, raw_body, signature_timestamp, received_at in (sent for message in messages for sent in message):
                 try:
                     event = parse_event(raw_body)
                 except InvalidEvent as exc:  # answered 400 by the daemon; nothing to record
-                    out.append(_frame((job, "invalid", str(exc))))
+                    out.append((job, "invalid", str(exc)))
                     continue
                 jobs.append(job)
                 works.append(RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(received_at, UTC)))
@@ -429,10 +434,10 @@ def main(descriptor: int) -> int:
                 futures = ledger.commit_here(works[start : start + MAX_BATCH])
                 batch = zip(jobs[start : start + MAX_BATCH], works[start : start + MAX_BATCH], futures, strict=True)
                 out += [_reply(job, work.event, future) for job, work, future in batch]
-                connection.sendall(b"".join(out))  # each committed batch answered at once
+                connection.sendall(_frame(out))  # each committed batch answered at once
                 out = []
             if out:
-                connection.sendall(b"".join(out))
+                connection.sendall(_frame(out))
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon is gone: nothing was acknowledged to anyone
     finally:

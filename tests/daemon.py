@@ -118,7 +118,9 @@ class Service:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+        # the last line may be half written while the service (or its writer process) runs: only whole lines
+        whole = self.log_text().split("\n")[:-1]
+        return [json.loads(line) for line in whole if line.strip()]
 
 
 class Daemon(Service):

@@ -212,9 +212,9 @@ def test_a_child_that_stops_answering_fails_its_webhooks_then_readiness_until_it
             await recorder.record(b"{}", 0, 0.0)
         with pytest.raises(StorageUnavailable, match="has not answered"):
             recorder.check()
-        [(job, body, _, _)] = _frames(bytearray(child.recv(65536)))
+        [[(job, body, _, _)]] = _frames(bytearray(child.recv(65536)))
         assert body == b"{}"
-        child.sendall(_frame((job, "stored", ("evt_1", "delta.verified", False, "orphan", "a_1", ()))))  # it answers at last
+        child.sendall(_frame([(job, "stored", ("evt_1", "delta.verified", False, "orphan", "a_1", ()))]))  # it answers at last
         for _ in range(100):
             await asyncio.sleep(0.01)
             with contextlib.suppress(StorageUnavailable):
