@@ -46,7 +46,7 @@ class DriverStatements:
             table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in EVENT_COLUMNS
         ]
         if self._arrays:  # the statements' text never changes: psycopg caches its conversion
-            arrays = ", ".join(f"%s::{_array_type(table.c[name].type, dialect)}[]" for name in EVENT_COLUMNS)
+            arrays = ", ".join(f"%s::{array_element_type(table.c[name].type, dialect)}[]" for name in EVENT_COLUMNS)
             self._insert_arrays_sql = (
                 f"INSERT INTO {WebhookEvent.__tablename__} ({', '.join(EVENT_COLUMNS)}) SELECT * FROM unnest({arrays})"
                 " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
@@ -96,10 +96,10 @@ class DriverStatements:
         return found
 
 
-def _array_type(column_type: TypeEngine[Any], dialect: Dialect) -> str:
-    """The element type to cast an array of the column's values to: `text` for strings, as
-    an explicit cast to VARCHAR(n) would cut a longer value short; storing it in the
-    column then refuses it, as an INSERT of the value itself does."""
+def array_element_type(column_type: TypeEngine[Any], dialect: Dialect) -> str:
+    """The element type to cast an array of the column's values to (PostgreSQL): `text`
+    for strings, as an explicit cast to VARCHAR(n) would cut a longer value short; storing
+    it in the column then refuses it, as an INSERT of the value itself does."""
     base = column_type.impl_instance if isinstance(column_type, TypeDecorator) else column_type
     return "text" if isinstance(base, String) else column_type.compile(dialect)
 

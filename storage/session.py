@@ -9,7 +9,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, and_, bindparam, func, literal, or_, select, text, update
+from sqlalchemy import JSON, Column, Integer, Table, and_, bindparam, func, literal, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -26,7 +27,7 @@ from storage.models import (
     WebhookTally,
 )
 from storage import jsonio
-from storage.driver_sql import EVENT_COLUMNS, statements_for
+from storage.driver_sql import EVENT_COLUMNS, array_element_type, statements_for
 from storage.report_queries import ReportQueries
 from storage.rollup_sql import POSTGRES_FOLD
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
@@ -60,51 +61,41 @@ def _open_discrepancies_statement(dialect: str) -> Any:
 
 @functools.cache
 def _open_discrepancies_from_arrays() -> Any:
-    """The same upsert on PostgreSQL for many rows, bound as one array per column (a fixed
-    text: psycopg converts a statement of more than 50 parameters again on every call,
-    and a page's multi-row VALUES took a tenth of a reconciliation pass's CPU)."""
+    """The same upsert on PostgreSQL for many rows, bound as one array per column."""
     table = Discrepancy.__table__
-    columns = _DISCREPANCY_COLUMNS
-    arrays = ", ".join(f"CAST(:{name} AS {_ARRAY_ELEMENT.get(name, 'text')}[])" for name in columns)
-    # json from its text as the engine's serializer wrote it: a json column keeps the text as given
-    picked = ", ".join("CAST(evidence AS json)" if name == "evidence" else name for name in columns)
-    rows = text(
-        f"SELECT {picked} FROM unnest({arrays}) WITH ORDINALITY AS given({', '.join(columns)}, position) ORDER BY position"
+    return _upsert_discrepancies(postgresql_insert(table).from_select(list(_DISCREPANCY_COLUMNS), rows_from_arrays(table, _DISCREPANCY_COLUMNS)))
+
+
+def rows_from_arrays(table: Table, columns: Sequence[str]) -> Any:
+    """PostgreSQL: SELECT the rows bound as one array per column (`as_arrays`), in order,
+    to INSERT many rows with a fixed text. psycopg converts a statement of more than 50
+    parameters again on every call: a multi-row VALUES of a page's findings took a tenth
+    of a reconciliation pass's CPU."""
+    arrays = ", ".join(f"CAST(:{name} AS {array_element_type(table.c[name].type, postgresql.dialect())}[])" for name in columns)
+    return text(
+        f"SELECT {', '.join(columns)} FROM unnest({arrays}) WITH ORDINALITY AS given({', '.join(columns)}, position) ORDER BY position"
     ).columns(*(table.c[name] for name in columns))
-    return _upsert_discrepancies(postgresql_insert(table).from_select(list(columns), rows))
 
 
-# the array element type of each non-text column (text for the rest: a cast to VARCHAR(n)
-# would cut a longer value short instead of refusing it)
-_ARRAY_ELEMENT = {
-    "delta_id": "integer",
-    "run_id": "integer",
-    "occurrences": "integer",
-    "first_seen_at": "timestamptz",
-    "last_seen_at": "timestamptz",
-    "resolved_at": "timestamptz",
-}
-
-
-def _as_arrays(rows: list[dict[str, Any]], session: Session) -> dict[str, list[Any]]:
-    """`rows` as one list per column, each value as the column's own type would bind it
-    (the timestamps' processor refuses a naive one) and the evidence as the engine's JSON text."""
-    processors = _bind_processors(session.get_bind().dialect)
+def as_arrays(rows: Sequence[dict[str, Any]], table: Table, columns: Sequence[str], session: Session) -> dict[str, list[Any]]:
+    """`rows` as one list per column for `rows_from_arrays`, each value as the column's own
+    type binds it (the timestamps' processor refuses a naive one); JSON as the text the
+    engine's serializer writes (a json column keeps the text as given)."""
+    dialect = session.get_bind().dialect
     arrays: dict[str, list[Any]] = {}
-    for name in _DISCREPANCY_COLUMNS:
+    for name in columns:
         values = [row[name] for row in rows]
-        if name == "evidence":
+        if isinstance(table.c[name].type, JSON):
             arrays[name] = [jsonio.dumps(value) for value in values]
         else:
-            process = processors[name]
+            process = _bind_processor(table.c[name], dialect)
             arrays[name] = values if process is None else [process(value) for value in values]
     return arrays
 
 
 @functools.cache
-def _bind_processors(dialect: Any) -> dict[str, Any]:
-    table = Discrepancy.__table__
-    return {name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in _DISCREPANCY_COLUMNS}
+def _bind_processor(column: Column[Any], dialect: Any) -> Any:
+    return column.type.dialect_impl(dialect).bind_processor(dialect)
 
 
 def _upsert_discrepancies(statement: Any) -> Any:
@@ -418,7 +409,8 @@ class LedgerSession:
         `open_discrepancy` does one by one (no two open rows here may share kind and subject).
         Returns each row's id by (kind, subject, status)."""
         if self._dialect == "postgresql":
-            returned = self._session.execute(_open_discrepancies_from_arrays(), _as_arrays(rows, self._session))
+            arrays = as_arrays(rows, Discrepancy.__table__, _DISCREPANCY_COLUMNS, self._session)
+            returned = self._session.execute(_open_discrepancies_from_arrays(), arrays)
         else:
             returned = self._session.execute(_open_discrepancies_statement(self._dialect), rows)
         return {(row.kind, row.subject, row.status): row.id for row in returned}
