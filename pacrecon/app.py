@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -126,7 +125,6 @@ def create_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await recorder.start()  # the writer process (ready already) is handed to the event loop
         scheduler.start()
-        gc.freeze()  # what start-up made lives as long as the process: the collector need not walk it again
         try:
             yield
         finally:

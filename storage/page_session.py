@@ -9,12 +9,11 @@ from typing import Any
 from sqlalchemy import bindparam, insert, update
 
 from storage.models import AuditEntry, Discrepancy, LocalDelta
-from storage.session import LedgerSession, as_arrays, discrepancy_row, fixed_row, rows_from_arrays
+from storage.session import LedgerSession, discrepancy_row, fixed_row
 from storage.vocabulary import DiscrepancyStatus
 
 _AUDIT = AuditEntry.__table__
 _AUDIT_COLUMNS = tuple(c.name for c in _AUDIT.columns if c.name != "id")
-_AUDITS_FROM_ARRAYS = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), rows_from_arrays(_AUDIT, _AUDIT_COLUMNS))
 _DISCREPANCY = Discrepancy.__table__
 _RESOLVE = (
     update(_DISCREPANCY)
@@ -142,9 +141,7 @@ class PageSession(LedgerSession):
             for row in self._audits:
                 if row["discrepancy_id"] is not None and row["discrepancy_id"] < 0:
                     row["discrepancy_id"] = ids[-row["discrepancy_id"] - 1]
-            if self._dialect == "postgresql":  # a fixed text, one array per column
-                self._session.execute(_AUDITS_FROM_ARRAYS, as_arrays(self._audits, _AUDIT, _AUDIT_COLUMNS, self._session))
-            else:
-                self._session.execute(insert(_AUDIT), self._audits)
+            # an executemany (one prepared statement, pipelined): as arrays it measured no faster
+            self._session.execute(insert(_AUDIT), self._audits)
         self._session.flush()
         self._rows, self._row_of, self._resolves, self._audits = [], {}, [], []
