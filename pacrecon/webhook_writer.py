@@ -428,6 +428,10 @@ def main(descriptor: int) -> int:
                 except InvalidEvent as exc:  # answered 400 by the daemon; nothing to record
                     out.append((job, "invalid", str(exc)))
                     continue
+                except Exception as exc:  # a bug: this webhook answered 503 and logged, the others go on
+                    log.error("webhook_not_recorded", job=job, error=f"{type(exc).__name__}: {exc}"[:500])
+                    out.append((job, "unavailable", f"recording failed: {type(exc).__name__}"))
+                    continue
                 jobs.append(job)
                 works.append(RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(received_at, UTC)))
             for start in range(0, len(works), MAX_BATCH):

@@ -261,8 +261,10 @@ class Reconciler:
             return opened
         finally:
             if writing is not None:  # leaving early: the page being written is committed or not, and counted if it was
-                with contextlib.suppress(Exception):
+                try:
                     _count_page(summary, await writing)
+                except Exception as exc:  # the pass fails for the other reason; this one is not lost
+                    log.warning("reconcile_page_not_written", error=f"{type(exc).__name__}: {exc}"[:500])
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)
