@@ -234,7 +234,8 @@ class Reconciler:
                 # (a new dict: the page being written keeps its own)
                 answers = {anchor: answers[anchor] for anchor in kept}
                 if not page:
-                    break
+                    finished, writing = writing, None
+                    return opened + (await _written(summary, finished) if finished is not None else 0)
                 after = (page[-1][2], page[-1][0])
                 anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
                 looked_up = await self._look_up(anchors, throttle, summary)
@@ -253,16 +254,12 @@ class Reconciler:
                 )
                 if writing is not None:
                     finished, writing = writing, None
-                    opened += _count_page(summary, await finished)
+                    opened += await _written(summary, finished)
                 writing = asyncio.ensure_future(self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
-            if writing is not None:
-                finished, writing = writing, None
-                opened += _count_page(summary, await finished)
-            return opened
         finally:
-            if writing is not None:  # leaving early: the page being written is committed or not, and counted if it was
+            if writing is not None:  # leaving early: the page being written is counted if it was
                 try:
-                    _count_page(summary, await writing)
+                    await _written(summary, writing)
                 except Exception as exc:  # the pass fails for the other reason; this one is not lost
                     log.warning("reconcile_page_not_written", error=f"{type(exc).__name__}: {exc}"[:500])
 
@@ -355,8 +352,9 @@ class Reconciler:
             else:
                 summary.redeliveries += 1
 
-def _count_page(summary: PassSummary, result: PageResult) -> int:
-    """Add a written page's result to the pass's; the discrepancies it opened."""
+async def _written(summary: PassSummary, writing: asyncio.Future[PageResult]) -> int:
+    """Wait for the page being written; add its result to the pass's; the discrepancies it opened."""
+    result = await writing
     summary.checked += result.checked
     summary.fixed += result.fixed
     summary.found.update(result.found)

@@ -22,7 +22,8 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import String, TypeDecorator
+from sqlalchemy import String, Table, TypeDecorator
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeEngine
 from sqlalchemy.orm import Session
@@ -46,9 +47,9 @@ class DriverStatements:
             table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in EVENT_COLUMNS
         ]
         if self._arrays:  # the statements' text never changes: psycopg caches its conversion
-            arrays = ", ".join(f"%s::{array_element_type(table.c[name].type, dialect)}[]" for name in EVENT_COLUMNS)
+            rows = rows_from_arrays_sql(table, EVENT_COLUMNS, lambda _: "%s")
             self._insert_arrays_sql = (
-                f"INSERT INTO {WebhookEvent.__tablename__} ({', '.join(EVENT_COLUMNS)}) SELECT * FROM unnest({arrays})"
+                f"INSERT INTO {WebhookEvent.__tablename__} ({', '.join(EVENT_COLUMNS)}) {rows}"
                 " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
             )
             self._anchors_array_sql = f"SELECT DISTINCT {_ANCHOR} FROM {LocalDelta.__tablename__} WHERE {_ANCHOR} = ANY(%s::text[])"
@@ -70,7 +71,7 @@ class DriverStatements:
     def insert_events(self, session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
         """INSERT … ON CONFLICT (event_id) DO NOTHING RETURNING event_id, all rows in one
         statement: the event ids inserted (a repeated id inserts once, the first copy)."""
-        if self._arrays:  # rows in order (unnest keeps it), so the first copy is the one inserted
+        if self._arrays:  # rows in their order, so the first copy is the one inserted
             columns: list[list[Any]] = [[row[name] for row in rows] for name in EVENT_COLUMNS]
             for index, process in enumerate(self._processors):
                 if process is not None:
@@ -96,10 +97,18 @@ class DriverStatements:
         return found
 
 
-def array_element_type(column_type: TypeEngine[Any], dialect: Dialect) -> str:
-    """The element type to cast an array of the column's values to (PostgreSQL): `text`
-    for strings, as an explicit cast to VARCHAR(n) would cut a longer value short; storing
-    it in the column then refuses it, as an INSERT of the value itself does."""
+def rows_from_arrays_sql(table: Table, columns: Sequence[str], placeholder: Callable[[str], str]) -> str:
+    """PostgreSQL: SELECT the rows of `columns` bound as one array per column (the column
+    named by `placeholder(name)`), in the arrays' order: a fixed text for any number of rows.
+    Strings are cast to `text[]`: an explicit cast to VARCHAR(n) would cut a longer value
+    short, where storing it in the column refuses it, as an INSERT of the value does."""
+    dialect = postgresql.dialect()
+    arrays = ", ".join(f"CAST({placeholder(name)} AS {_element_type(table.c[name].type, dialect)}[])" for name in columns)
+    named = ", ".join(columns)
+    return f"SELECT {named} FROM unnest({arrays}) WITH ORDINALITY AS given({named}, position) ORDER BY position"
+
+
+def _element_type(column_type: TypeEngine[Any], dialect: Dialect) -> str:
     base = column_type.impl_instance if isinstance(column_type, TypeDecorator) else column_type
     return "text" if isinstance(base, String) else column_type.compile(dialect)
 

@@ -12,8 +12,7 @@ from storage.models import AuditEntry, Discrepancy, LocalDelta
 from storage.session import LedgerSession, discrepancy_row, fixed_row
 from storage.vocabulary import DiscrepancyStatus
 
-_AUDIT = AuditEntry.__table__
-_AUDIT_COLUMNS = tuple(c.name for c in _AUDIT.columns if c.name != "id")
+_AUDIT_COLUMNS = tuple(c.name for c in AuditEntry.__table__.columns if c.name != "id")
 _DISCREPANCY = Discrepancy.__table__
 _RESOLVE = (
     update(_DISCREPANCY)
@@ -142,6 +141,6 @@ class PageSession(LedgerSession):
                 if row["discrepancy_id"] is not None and row["discrepancy_id"] < 0:
                     row["discrepancy_id"] = ids[-row["discrepancy_id"] - 1]
             # an executemany (one prepared statement, pipelined): as arrays it measured no faster
-            self._session.execute(insert(_AUDIT), self._audits)
+            self._session.execute(insert(AuditEntry.__table__), self._audits)
         self._session.flush()
         self._rows, self._row_of, self._resolves, self._audits = [], {}, [], []

@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import JSON, Column, Integer, Table, and_, bindparam, func, literal, or_, select, text, update
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -27,7 +26,7 @@ from storage.models import (
     WebhookTally,
 )
 from storage import jsonio
-from storage.driver_sql import EVENT_COLUMNS, array_element_type, statements_for
+from storage.driver_sql import EVENT_COLUMNS, rows_from_arrays_sql, statements_for
 from storage.report_queries import ReportQueries
 from storage.rollup_sql import POSTGRES_FOLD
 from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
@@ -63,22 +62,18 @@ def _open_discrepancies_statement(dialect: str) -> Any:
 def _open_discrepancies_from_arrays() -> Any:
     """The same upsert on PostgreSQL for many rows, bound as one array per column."""
     table = Discrepancy.__table__
-    return _upsert_discrepancies(postgresql_insert(table).from_select(list(_DISCREPANCY_COLUMNS), rows_from_arrays(table, _DISCREPANCY_COLUMNS)))
+    return _upsert_discrepancies(postgresql_insert(table).from_select(list(_DISCREPANCY_COLUMNS), _rows_from_arrays(table, _DISCREPANCY_COLUMNS)))
 
 
-def rows_from_arrays(table: Table, columns: Sequence[str]) -> Any:
-    """PostgreSQL: SELECT the rows bound as one array per column (`as_arrays`), in order,
-    to INSERT many rows with a fixed text. psycopg converts a statement of more than 50
-    parameters again on every call: a multi-row VALUES of a page's findings took a tenth
-    of a reconciliation pass's CPU."""
-    arrays = ", ".join(f"CAST(:{name} AS {array_element_type(table.c[name].type, postgresql.dialect())}[])" for name in columns)
-    return text(
-        f"SELECT {', '.join(columns)} FROM unnest({arrays}) WITH ORDINALITY AS given({', '.join(columns)}, position) ORDER BY position"
-    ).columns(*(table.c[name] for name in columns))
+def _rows_from_arrays(table: Table, columns: Sequence[str]) -> Any:
+    """PostgreSQL: the rows bound as one array per column (`_as_arrays`), in order, to INSERT
+    many with a fixed text. psycopg converts a statement of more than 50 parameters again
+    on every call: a multi-row VALUES of a page's findings took a tenth of a pass's CPU."""
+    return text(rows_from_arrays_sql(table, columns, lambda name: f":{name}")).columns(*(table.c[name] for name in columns))
 
 
-def as_arrays(rows: Sequence[dict[str, Any]], table: Table, columns: Sequence[str], session: Session) -> dict[str, list[Any]]:
-    """`rows` as one list per column for `rows_from_arrays`, each value as the column's own
+def _as_arrays(rows: Sequence[dict[str, Any]], table: Table, columns: Sequence[str], session: Session) -> dict[str, list[Any]]:
+    """`rows` as one list per column for `_rows_from_arrays`, each value as the column's own
     type binds it (the timestamps' processor refuses a naive one); JSON as the text the
     engine's serializer writes (a json column keeps the text as given)."""
     dialect = session.get_bind().dialect
@@ -409,7 +404,7 @@ class LedgerSession:
         `open_discrepancy` does one by one (no two open rows here may share kind and subject).
         Returns each row's id by (kind, subject, status)."""
         if self._dialect == "postgresql":
-            arrays = as_arrays(rows, Discrepancy.__table__, _DISCREPANCY_COLUMNS, self._session)
+            arrays = _as_arrays(rows, Discrepancy.__table__, _DISCREPANCY_COLUMNS, self._session)
             returned = self._session.execute(_open_discrepancies_from_arrays(), arrays)
         else:
             returned = self._session.execute(_open_discrepancies_statement(self._dialect), rows)
