@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -127,6 +128,37 @@ def proc_status_mb(pid: int, field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(field)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PRESENT = 1 << 63
+_PFN_MASK = (1 << 55) - 1
+
+
+def resident_mb_together(pids: list[int]) -> float:
+    """The resident memory of `pids` together, each physical page counted once, in MiB.
+
+    Summed VmRSS counts a page twice when two processes map it (the shared libraries a
+    daemon and its child both load); PSS divides it among every process that maps it,
+    those outside `pids` too. This reads each page's frame number from
+    /proc/PID/pagemap (root only: others read 0) and counts the distinct frames: what the
+    processes hold in RAM between them, which is what a cgroup's memory limit sees of them
+    (page cache and kernel memory aside)."""
+    if os.geteuid() != 0:
+        raise PermissionError("frame numbers in /proc/PID/pagemap are readable by root only")
+    frames: set[int] = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in maps:
+                start, end = (int(part, 16) for part in line.split()[0].split("-"))
+                if line.rstrip().endswith("[vsyscall]"):
+                    continue  # outside the process's own pages; pagemap cannot be read there
+                pagemap.seek(start // _PAGE * 8)
+                entries = pagemap.read((end - start) // _PAGE * 8)
+                for (entry,) in struct.iter_unpack("<Q", entries):
+                    if entry & _PRESENT:
+                        frames.add(entry & _PFN_MASK)
+    return len(frames) * _PAGE / 2**20
 
 
 def conditions() -> dict[str, Any]:

@@ -27,7 +27,7 @@ from reconciler.claims import ClaimedStatus, DeltaClaim, same_hash
 from reconciler.errors import PacSpaceError
 from reconciler.events import MAX_SEQUENCE
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
-from storage.errors import StorageUnavailable
+from storage.errors import DATABASE_TROUBLE, StorageUnavailable
 from storage.models import Discrepancy, LocalDelta, ReconciliationRun
 from storage.page_session import PageSession
 from storage.pass_lock import Held, exclusive
@@ -222,7 +222,7 @@ class Reconciler:
         throttle = Throttle(self.clock, self.sleep)
         after: tuple[datetime, int] | None = None
         opened = 0
-        writing: asyncio.Task[PageResult] | None = None  # the page being written
+        writing = _PageWrite(summary)
         try:
             while True:
                 self._stop_if_asked()
@@ -234,8 +234,7 @@ class Reconciler:
                 # (a new dict: the page being written keeps its own)
                 answers = {anchor: answers[anchor] for anchor in kept}
                 if not page:
-                    finished, writing = writing, None
-                    return opened + (await _written(summary, finished) if finished is not None else 0)
+                    return opened + await writing.counted()
                 after = (page[-1][2], page[-1][0])
                 anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
                 looked_up = await self._look_up(anchors, throttle, summary)
@@ -252,16 +251,10 @@ class Reconciler:
                     stuck_cutoff=stuck_cutoff,
                     run_id=summary.run_id,
                 )
-                if writing is not None:
-                    finished, writing = writing, None
-                    opened += await _written(summary, finished)
-                writing = asyncio.ensure_future(self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+                opened += await writing.counted()
+                writing.start(self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
         finally:
-            if writing is not None:  # leaving early: the page being written is counted if it was
-                try:
-                    await _written(summary, writing)
-                except Exception as exc:  # the pass fails for the other reason; this one is not lost
-                    log.warning("reconcile_page_not_written", error=f"{type(exc).__name__}: {exc}"[:500])
+            await writing.settled()  # leaving early: the page being written is counted if it was
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)
@@ -352,14 +345,42 @@ class Reconciler:
             else:
                 summary.redeliveries += 1
 
-async def _written(summary: PassSummary, writing: asyncio.Future[PageResult]) -> int:
-    """Wait for the page being written; add its result to the pass's; the discrepancies it opened."""
-    result = await writing
-    summary.checked += result.checked
-    summary.fixed += result.fixed
-    summary.found.update(result.found)
-    summary.errors += result.errors
-    return result.opened
+class _PageWrite:
+    """The page being written, at most one: started, then waited for and added to the pass."""
+
+    def __init__(self, summary: PassSummary) -> None:
+        self._summary = summary
+        self._task: asyncio.Future[PageResult] | None = None
+
+    def start(self, write: Awaitable[PageResult]) -> None:
+        self._task = asyncio.ensure_future(write)
+
+    async def counted(self) -> int:
+        """Wait for the page being written, if any; add its result to the pass's; the
+        discrepancies it opened. Shielded: a pass cancelled meanwhile leaves the write
+        going (the ledger has it and may commit it anyway), for `settled` to count."""
+        task = self._task
+        if task is None:
+            return 0
+        try:
+            result = await asyncio.shield(task)
+        finally:
+            if task.done():  # written, or failed (raised here): nothing more to wait for
+                self._task = None
+        summary = self._summary
+        summary.checked += result.checked
+        summary.fixed += result.fixed
+        summary.found.update(result.found)
+        summary.errors += result.errors
+        return result.opened
+
+    async def settled(self) -> None:
+        """A pass leaving early: the page still being written is waited for and counted;
+        if its write failed, that is logged (the pass fails for its own reason)."""
+        try:
+            await self.counted()
+        except Exception as exc:
+            log.warning("reconcile_page_not_written", error=f"{type(exc).__name__}: {exc}"[:500])
 
 
 def _next_page(
@@ -448,8 +469,8 @@ def _apply_page(
     try:
         with session.savepoint():
             result = _reconcile_together(PageSession(session, deltas), delta_ids, answers, now, stuck_cutoff, run_id)
-    except StorageUnavailable:
-        raise
+    except DATABASE_TROUBLE:
+        raise  # the database's, not the answers': done again delta by delta it fails again, each after a lock wait
     except Exception as exc:  # NotReadAhead, or an answer we did not foresee
         log.warning("reconcile_page_redone", deltas=len(delta_ids), error=f"{type(exc).__name__}: {exc}"[:500])
         result = _reconcile_one_by_one(session, delta_ids, answers, now, stuck_cutoff, run_id)
@@ -485,7 +506,7 @@ def _reconcile_one_by_one(
         try:
             with session.savepoint():
                 _reconcile_delta(session, delta_id, answers, now, stuck_cutoff, run_id, result)
-        except StorageUnavailable:
+        except DATABASE_TROUBLE:
             raise
         except Exception as exc:  # an answer we did not foresee: this delta is skipped, not the pass
             result.errors += 1

@@ -1,5 +1,9 @@
 """Errors the ledger raises. Callers map them; nothing here knows about HTTP."""
 
+from __future__ import annotations
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 
 class StorageError(Exception):
     """Base class of every error raised by `storage`."""
@@ -10,6 +14,12 @@ class StorageUnavailable(StorageError):
 
     Nothing of the failed transaction is durable; the caller may retry it.
     """
+
+
+# The database's trouble, not the data's: a lock wait that timed out, a lost connection,
+# a full disk. Work that catches failures so as to skip one bad item lets these through:
+# done again item by item, each would fail the same way, after the same wait.
+DATABASE_TROUBLE: tuple[type[Exception], ...] = (StorageUnavailable, OperationalError, InterfaceError)
 
 
 class SchemaNotCurrent(StorageError):

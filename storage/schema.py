@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -19,6 +21,7 @@ def alembic_config(engine: Engine | None = None) -> Config:
     return config
 
 
+@functools.cache  # the code this process runs has one head; readiness asks often
 def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if head is None:

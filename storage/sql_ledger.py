@@ -20,7 +20,6 @@ from storage.engine import make_engine
 from storage.errors import SchemaNotCurrent, StorageUnavailable
 from storage.group_commit import GroupCommitWriter, Job, commit_jobs, resolve_all, wait_within
 from storage.ledger import Work
-from storage.schema import current_revision, head_revision
 from storage.session import LedgerSession
 
 log = structlog.get_logger("pacrecon.ledger")
@@ -94,6 +93,10 @@ class SqlLedger:
     def check_schema(self) -> str:
         if self._writer.busy_for() > self.write_deadline_seconds:
             raise StorageUnavailable(f"the ledger's writer has been stuck for {self._writer.busy_for():.0f} s")
+        # imported here: alembic is ~6 MB and 60 ms of imports that the webhook writer
+        # process, which never checks the schema (its daemon does), need not load
+        from storage.schema import current_revision, head_revision
+
         head = head_revision()
         try:
             current = current_revision(self.engine)
