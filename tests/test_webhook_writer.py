@@ -225,3 +225,40 @@ def test_a_child_that_stops_answering_fails_its_webhooks_then_readiness_until_it
         await recorder.close()
 
     asyncio.run(go())
+
+
+def test_webhooks_leave_in_frames_of_flush_every_and_each_gets_its_own_answer() -> None:
+    """More webhooks in one turn of the event loop than FLUSH_EVERY: the first frames leave
+    as soon as FLUSH_EVERY wait, the rest at the end of the turn, in order; answers that
+    come back in another grouping and order still reach each its own webhook."""
+    from pacrecon.webhook_writer import FLUSH_EVERY
+
+    count = 2 * FLUSH_EVERY + FLUSH_EVERY // 2
+
+    async def go() -> None:
+        recorder, child = _with_played_child()
+        child.sendall(_frame(("ready", 1)))
+        await recorder.start()
+        webhooks = [asyncio.create_task(recorder.record(f"body{n}".encode(), n, 0.0)) for n in range(count)]
+        frames: list[list[tuple[int, bytes, int, float]]] = []
+        buffer = bytearray()
+        child.setblocking(False)
+        while sum(len(frame) for frame in frames) < count:
+            await asyncio.sleep(0.005)
+            with contextlib.suppress(BlockingIOError):
+                buffer += child.recv(1 << 20)
+            frames += _frames(buffer)
+        assert [len(frame) for frame in frames] == [FLUSH_EVERY, FLUSH_EVERY, count - 2 * FLUSH_EVERY]
+        sent = [job for frame in frames for job in frame]
+        assert [body for _, body, _, _ in sent] == [f"body{n}".encode() for n in range(count)]
+        # answered backwards, in frames of 7: each webhook still gets the answer to its own job
+        answers = [(job, "stored", (body.decode(), "delta.verified", False, "orphan", None, ())) for job, body, _, _ in reversed(sent)]
+        child.setblocking(True)
+        for start in range(0, count, 7):
+            child.sendall(_frame(answers[start : start + 7]))
+        stored = await asyncio.wait_for(asyncio.gather(*webhooks), 10)
+        assert [s.event_id for s in stored] == [f"body{n}" for n in range(count)]
+        child.close()
+        await recorder.close()
+
+    asyncio.run(go())
