@@ -7,7 +7,7 @@ import asyncio
 import socket
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -136,6 +136,38 @@ def _event(event_id: str) -> WebhookEvent:
         outcome="orphan",
         anchor_id="a_1",
     )
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 27, 12, 0, tzinfo=UTC),  # no microseconds: still written out
+        datetime(2026, 11, 27, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 11, 28, 1, 30, 0, 5, tzinfo=timezone(timedelta(hours=2))),  # another offset: turned to UTC
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),  # a year of three digits: padded to four
+    ],
+)
+def test_times_are_stored_as_sqlalchemys_own_sqlite_text_and_read_back_as_the_same_instant(tmp_path, moment: datetime) -> None:
+    """UtcDateTime writes SQLite's DATETIME text itself (faster): the text must be exactly what
+    SQLAlchemy's DATETIME writes, or rows written before and after would sort and compare apart."""
+    from sqlalchemy.dialects.sqlite import DATETIME
+
+    from tests.conftest import migrated_sqlite_url
+
+    expected = DATETIME().bind_processor(make_engine("sqlite://").dialect)(moment.astimezone(UTC).replace(tzinfo=None))  # type: ignore[misc]
+    ledger = SqlLedger.from_url(migrated_sqlite_url(tmp_path / "t.db"))
+    try:
+        delta_id = ledger.transact_sync(lambda s: s.add_delta(new_delta(1, Decimal(1), emitted_at=moment)).id)
+        with ledger.engine.connect() as connection:
+            stored = connection.execute(text("SELECT emitted_at FROM local_delta")).scalar_one()
+            later = connection.execute(select(LocalDelta.id).where(LocalDelta.emitted_at < moment + timedelta(microseconds=1))).all()
+        assert stored == expected
+        assert later == [(delta_id,)]  # a bound time compares with the stored text as with an instant
+        assert ledger.read_sync(lambda s: s.get_delta(delta_id).emitted_at) == moment  # type: ignore[union-attr]
+        with pytest.raises(Exception, match="naive datetime"):
+            ledger.transact_sync(lambda s: s.add_delta(new_delta(2, Decimal(1), emitted_at=datetime(2026, 1, 1))))
+    finally:
+        ledger.close()
 
 
 def test_an_event_id_is_stored_once(ledger: SqlLedger) -> None:
