@@ -26,6 +26,7 @@ from storage.engine import make_engine
 from storage.models import LocalDelta
 from storage.schema import upgrade_to_head
 from storage.sql_ledger import SqlLedger
+from tests.daemon import SANDBOX_KEY, SandboxProcess
 
 TABLE = LocalDelta.__table__  # type: ignore[attr-defined]
 COLUMNS = [column.name for column in TABLE.columns]
@@ -77,6 +78,19 @@ def import_stale(path: Path, answers: list[Any]) -> list[dict[str, Any]]:
             return [dict(row._mapping) for row in connection.execute(select(TABLE).order_by(TABLE.c.id))]
     finally:
         ledger.close()
+
+
+def verified_stale(sandbox: SandboxProcess, workdir: Path, count: int) -> list[dict[str, Any]]:
+    """`count` stale deltas as our ledger holds them, which `sandbox` has verified: emitted
+    there (`emit_stale`), imported (`import_stale`, into workdir/import.db), the sandbox
+    flushed. Its webhooks all failed (it runs without a webhook URL): nothing settles them."""
+    answers = emit_stale(sandbox.url, SANDBOX_KEY, count)
+    imported = import_stale(workdir / "import.db", answers)
+    with sandbox.api() as api:
+        api.post("/_sandbox/flush").raise_for_status()
+        counts = api.get("/_sandbox/state").json()["data"]
+    assert counts["deltas"] == {"VERIFIED": count} and counts["deliveries"] == {"failed": count}, counts
+    return imported
 
 
 def place_stale(rows: list[dict[str, Any]], total: int, age: timedelta) -> list[dict[str, Any]]:

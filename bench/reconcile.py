@@ -217,12 +217,7 @@ def main() -> None:
     sandbox = SandboxProcess(workdir, "--seed", "11", "--verify-delay", "3600", "--max-attempts", "1").start()
     try:
         started = datetime.now(UTC)
-        answers = ledgers.emit_stale(sandbox.url, SANDBOX_KEY, args.stale)
-        imported = ledgers.import_stale(workdir / "import.db", answers)
-        with sandbox.api() as api:
-            api.post("/_sandbox/flush").raise_for_status()
-            counts = api.get("/_sandbox/state").json()["data"]
-        assert counts["deltas"] == {"VERIFIED": args.stale} and counts["deliveries"] == {"failed": args.stale}, counts
+        imported = ledgers.verified_stale(sandbox, workdir, args.stale)
         anchors_file = workdir / "anchors.txt"
         anchors_file.write_text("\n".join(row["anchor_id"] for row in imported))
         stale = ledgers.place_stale(imported, args.total, STALE_AGE)

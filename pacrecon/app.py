@@ -102,7 +102,7 @@ def create_app(
     ]
     start_pass: Callable[[Callable[[int], None] | None], Awaitable[PassSummary]] | None = None
     if outbox is not None and pacspace is not None:
-        reconciler = make_reconciler(settings, ledger, pacspace, clock)
+        reconciler = make_reconciler(settings, ledger, pacspace, clock, foreground_busy=lifecycle.busy)
         lifecycle.on_stop(reconciler.request_stop)
 
         async def run_pass(on_started: Callable[[int], None] | None = None) -> PassSummary:
@@ -165,7 +165,8 @@ def _count_refused_webhook(metrics: Metrics, scope: Scope) -> None:
         metrics.webhook("unavailable", "", 0.0)
 
 
-def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time) -> Reconciler:
+def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time,
+                    foreground_busy: Callable[[], bool] | None = None) -> Reconciler:
     # the pass waits out 429/503 itself, for all its lookups at once: one retry per call is enough
     return Reconciler(
         ledger,
@@ -174,6 +175,7 @@ def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceCli
         stuck_after_seconds=settings.stuck_after_seconds,
         concurrency=settings.reconcile_concurrency,
         clock=clock,
+        foreground_busy=foreground_busy,
     )
 
 

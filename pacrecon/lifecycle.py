@@ -23,6 +23,9 @@ log = structlog.get_logger("pacrecon.lifecycle")
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 RETRY_AFTER_SECONDS = 5
+# writes in flight (webhooks, API calls) from which background work (a reconciliation pass)
+# waits for them: at a few thousand webhooks a second each answered in a few ms, ~10 are
+BUSY_IN_FLIGHT = 32
 
 
 class Lifecycle:
@@ -59,6 +62,10 @@ class Lifecycle:
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()
+
+    def busy(self) -> bool:
+        """Whether the requests in flight are many (BUSY_IN_FLIGHT): they come first."""
+        return self._in_flight >= BUSY_IN_FLIGHT
 
     def tracked(self, job: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
         """A scheduled job that starts nothing once stopping, and is waited for when running."""

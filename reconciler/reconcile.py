@@ -42,6 +42,9 @@ REQUEUE_ROUNDS = 4  # lookups PacSpace throttled are tried again this often with
 THROTTLED = frozenset({429, 503})  # "slow down", as opposed to "not there" (network errors, timeouts)
 ORPHAN_PAGE = 1000
 FAILED_DELIVERY_PAGES = 10
+# webhooks first: while the daemon is busy with them the pass waits before each lookup and page
+# write, a step at a time, and never longer than the cap at once (so that it always moves on)
+YIELD_STEP_SECONDS, YIELD_MAX_STEPS = 0.02, 100  # 2 s at most
 ACTOR = "reconciler"
 Lookup = StatusAnswer | PacSpaceError
 Answer = TypeVar("Answer")
@@ -67,6 +70,7 @@ class PassSummary:
     redeliveries: int = 0
     open_after: int | None = None
     error_detail: str | None = None
+    yielded_seconds: float = 0.0  # waited for the daemon's webhooks (logged, not in the run row)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -130,8 +134,12 @@ class Reconciler:
         page_size: int = PAGE_SIZE,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        foreground_busy: Callable[[], bool] | None = None,
     ) -> None:
+        """`foreground_busy`: whether the daemon's webhooks need the process now (they share its
+        event loop, its GIL and its database with the pass); the pass then waits."""
         self.ledger, self.client = ledger, client
+        self.foreground_busy = foreground_busy
         self.stale_after = timedelta(seconds=stale_after_seconds)
         self.stuck_after = timedelta(seconds=stuck_after_seconds)
         self.concurrency, self.page_size = concurrency, page_size
@@ -209,7 +217,8 @@ class Reconciler:
                     summary.open_after = await self.ledger.read(lambda s: s.count_open_discrepancies())
                 if summary.run_id is not None:
                     await self.ledger.transact(partial(_finish_run, summary=summary))
-            log.info("reconcile_pass", **{k: v for k, v in summary.as_dict().items() if k not in ("started_at", "finished_at")})
+            log.info("reconcile_pass", **{k: v for k, v in summary.as_dict().items() if k not in ("started_at", "finished_at")},
+                     yielded_seconds=round(summary.yielded_seconds, 2))
 
     # -- stale deltas -------------------------------------------------------------
 
@@ -252,16 +261,29 @@ class Reconciler:
                     run_id=summary.run_id,
                 )
                 opened += await writing.counted()
+                await self._yield_to_webhooks(summary)
                 writing.start(self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
         finally:
             await writing.settled()  # leaving early: the page being written is counted if it was
 
+    async def _yield_to_webhooks(self, summary: PassSummary | None) -> None:
+        """Wait while the daemon's webhooks are busy (a step at a time, YIELD_MAX_STEPS at
+        most). Measured without it (bench/ingest_during_pass.py): a pass under webhook load
+        took the GIL and the database from them, and their answers took seconds."""
+        busy = self.foreground_busy
+        steps = 0
+        while busy is not None and steps < YIELD_MAX_STEPS and busy():
+            await self.sleep(YIELD_STEP_SECONDS)
+            steps += 1
+        if summary is not None:
+            summary.yielded_seconds += steps * YIELD_STEP_SECONDS
+
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)
-        return await self._ask_each(sorted(anchors), self.client.delta_status, throttle)
+        return await self._ask_each(sorted(anchors), self.client.delta_status, throttle, summary)
 
     async def _ask_each(
-        self, keys: list[str], ask: Callable[[str], Awaitable[Answer]], throttle: Throttle
+        self, keys: list[str], ask: Callable[[str], Awaitable[Answer]], throttle: Throttle, summary: PassSummary | None = None
     ) -> dict[str, Answer | PacSpaceError]:
         """`ask` for every key, `concurrency` at a time; what PacSpace throttled is asked
         again (up to REQUEUE_ROUNDS rounds) after the shared pause."""
@@ -273,6 +295,7 @@ class Reconciler:
 
             async def one(key: str) -> None:
                 async with slots:
+                    await self._yield_to_webhooks(summary)
                     await throttle.wait()
                     try:
                         results[key] = await ask(key)
@@ -337,7 +360,7 @@ class Reconciler:
     async def request_redeliveries(self, event_ids: list[str], summary: PassSummary) -> None:
         """POST .../retry for each event, as concurrently as the lookups (up to 1,000 of them
         one after the other were a tenth of a large pass), waiting out 429/503 as they do."""
-        answers = await self._ask_each(list(dict.fromkeys(event_ids)), self.client.retry_webhook, Throttle(self.clock, self.sleep))
+        answers = await self._ask_each(list(dict.fromkeys(event_ids)), self.client.retry_webhook, Throttle(self.clock, self.sleep), summary)
         for event_id, answer in answers.items():
             if isinstance(answer, PacSpaceError):
                 summary.errors += 1

@@ -204,3 +204,17 @@ def test_a_daemon_without_notify_socket_logs_nothing_about_systemd(tmp_path: Pat
     assert daemon.stop() == 0
     assert not [e for e in daemon.log_events() if str(e.get("event", "")).startswith("systemd")]
     assert json.dumps(daemon.log_events())  # every line is JSON
+
+
+def test_the_daemon_is_busy_from_busy_in_flight_writes_on() -> None:
+    """What a pass yields to (`Reconciler.foreground_busy`): BUSY_IN_FLIGHT writes in flight."""
+    from pacrecon.lifecycle import BUSY_IN_FLIGHT, Lifecycle
+
+    lifecycle = Lifecycle()
+    for _ in range(BUSY_IN_FLIGHT - 1):
+        lifecycle.begin()
+    assert not lifecycle.busy()
+    lifecycle.begin()
+    assert lifecycle.busy()
+    lifecycle.end()
+    assert not lifecycle.busy()

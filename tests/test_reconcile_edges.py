@@ -249,3 +249,43 @@ def test_a_status_answer_that_names_the_previous_proof_is_checked_against_the_ch
     run(ledger, lambda request: ok(answer) if request.url.path.endswith("/a_second") else ok({}))
     assert state(ledger, [second]) == (["VERIFIED"] if settled else ["QUEUED"])
     assert kinds(ledger) == ([] if settled else ["chain_broken"])
+
+
+def test_a_pass_waits_while_the_daemons_webhooks_are_busy_and_always_moves_on(ledger: SqlLedger) -> None:
+    """Webhooks first: each lookup and each page write waits while `foreground_busy` says so,
+    a step at a time and at most YIELD_MAX_STEPS steps at once; then the pass goes on regardless."""
+    from reconciler.reconcile import YIELD_MAX_STEPS, YIELD_STEP_SECONDS
+
+    ids = add(ledger, delta(1, "a_y1"), delta(2, "a_y2", idempotency_key="k2y"))
+    slept: list[float] = []
+    busy_answers = iter([True] * 3)  # busy for three checks, then quiet
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        anchor = request.url.path.rsplit("/", 1)[-1]
+        if anchor.startswith("a_y"):
+            n = anchor[-1]
+            return ok({"anchorId": anchor, "status": "ANCHORED", "receiptId": H(f"item{n}"), "itemHashes": [H(f"item{n}")],
+                       "customerId": "cust", "delta": int(n)})
+        return ok({"deliveries": []})
+
+    async def go(busy: Callable[[], bool]) -> PassSummary:
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            client = PacSpaceClient(http, "http://pacspace.test", "k", RetryPolicy(attempts=1), sleep=lambda _: asyncio.sleep(0))
+            reconciler = Reconciler(ledger, client, stale_after_seconds=0, stuck_after_seconds=3600, concurrency=1,
+                                    sleep=sleep, foreground_busy=busy)
+            return await reconciler.run_pass()
+
+    summary = asyncio.run(go(lambda: next(busy_answers, False)))
+    assert (summary.status, summary.fixed) == ("completed", 2) and state(ledger, ids) == ["VERIFIED", "VERIFIED"]
+    assert slept == [YIELD_STEP_SECONDS] * 3 and summary.yielded_seconds == pytest.approx(3 * YIELD_STEP_SECONDS)
+
+    # busy for good: every wait stops at the cap, and the pass still completes
+    ids = add(ledger, delta(3, "a_y3", idempotency_key="k3y"))
+    slept.clear()
+    summary = asyncio.run(go(lambda: True))
+    assert (summary.status, summary.fixed) == ("completed", 1) and state(ledger, ids) == ["VERIFIED"]
+    waits = len(slept) / YIELD_MAX_STEPS  # one lookup and one page write: two capped waits (no redelivery to ask for)
+    assert waits == 2 and set(slept) == {YIELD_STEP_SECONDS}
