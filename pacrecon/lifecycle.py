@@ -24,7 +24,7 @@ log = structlog.get_logger("pacrecon.lifecycle")
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 RETRY_AFTER_SECONDS = 5
 # writes in flight (webhooks, API calls) from which background work (a reconciliation pass)
-# waits for them: at a few thousand webhooks a second each answered in a few ms, ~10 are
+# waits for them; at a few thousand webhooks a second, each answered in a few ms, ~10 are
 BUSY_IN_FLIGHT = 32
 
 

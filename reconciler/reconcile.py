@@ -266,7 +266,7 @@ class Reconciler:
         finally:
             await writing.settled()  # leaving early: the page being written is counted if it was
 
-    async def _yield_to_webhooks(self, summary: PassSummary | None) -> None:
+    async def _yield_to_webhooks(self, summary: PassSummary) -> None:
         """Wait while the daemon's webhooks are busy (a step at a time, YIELD_MAX_STEPS at
         most). Measured without it (bench/ingest_during_pass.py): a pass under webhook load
         took the GIL and the database from them, and their answers took seconds."""
@@ -275,15 +275,14 @@ class Reconciler:
         while busy is not None and steps < YIELD_MAX_STEPS and busy():
             await self.sleep(YIELD_STEP_SECONDS)
             steps += 1
-        if summary is not None:
-            summary.yielded_seconds += steps * YIELD_STEP_SECONDS
+        summary.yielded_seconds += steps * YIELD_STEP_SECONDS
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)
         return await self._ask_each(sorted(anchors), self.client.delta_status, throttle, summary)
 
     async def _ask_each(
-        self, keys: list[str], ask: Callable[[str], Awaitable[Answer]], throttle: Throttle, summary: PassSummary | None = None
+        self, keys: list[str], ask: Callable[[str], Awaitable[Answer]], throttle: Throttle, summary: PassSummary
     ) -> dict[str, Answer | PacSpaceError]:
         """`ask` for every key, `concurrency` at a time; what PacSpace throttled is asked
         again (up to REQUEUE_ROUNDS rounds) after the shared pause."""

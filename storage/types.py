@@ -107,9 +107,7 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the ledger stores aware UTC times only")
-        value = value.astimezone(UTC)
+        value = _as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def bind_processor(self, dialect: Dialect) -> Callable[[datetime | None], Any] | None:
@@ -126,11 +124,13 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _as_utc(value: datetime) -> datetime:
+    if value.tzinfo is UTC:
+        return value
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the ledger stores aware UTC times only")
+    return value.astimezone(UTC)
+
+
 def _sqlite_datetime_text(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is not UTC:
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the ledger stores aware UTC times only")
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    return None if value is None else _as_utc(value).replace(tzinfo=None).isoformat(" ", "microseconds")

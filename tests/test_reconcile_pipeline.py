@@ -6,8 +6,9 @@ httpx.MockTransport so that the test decides when each lookup returns."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from structlog.testing import capture_logs
 from reconciler.pacspace import PacSpaceClient, RetryPolicy
 from reconciler.reconcile import PassSummary, Reconciler
 from storage.models import ReconciliationRun
+from storage.engine import LOCK_TIMEOUT_MS
 from storage.sql_ledger import SqlLedger
 from tests.test_reconcile_edges import H, add, delta, kinds, ok, state
 
@@ -65,6 +67,22 @@ def seed(ledger: SqlLedger) -> list[int]:
     return add(ledger, *(delta(n, f"a_{n}", idempotency_key=f"k{n}") for n in range(1, 5)))
 
 
+@contextlib.contextmanager
+def seeded_and_locked(database_url: str, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> Iterator[tuple[SqlLedger, list[int], WriteLock]]:
+    """A ledger (giving up on a lock after `lock_timeout_ms`) of the four stale deltas, and
+    the lock that holds up the first page's write, not taken yet; both let go at the end."""
+    ledger = SqlLedger.from_url(database_url, lock_timeout_ms=lock_timeout_ms)
+    try:
+        ids = seed(ledger)
+        lock = WriteLock(database_url, ids[:PAGE])
+        try:
+            yield ledger, ids, lock
+        finally:
+            lock.release()
+    finally:
+        ledger.close()
+
+
 async def pass_with(ledger: SqlLedger, answer: Callable[[str, Reconciler], Awaitable[httpx.Response]],
                     started: Callable[[asyncio.Task[PassSummary]], Awaitable[None]] | None = None) -> PassSummary:
     """One pass, pages of PAGE, whose lookups `answer` (given the anchor and the reconciler)."""
@@ -88,10 +106,7 @@ def run_row(ledger: SqlLedger) -> tuple[str, str | None, int, int]:
 
 
 def test_a_page_that_fails_to_be_written_while_the_next_is_looked_up_fails_the_pass_and_the_next_pass_does_it(database_url: str) -> None:
-    ledger = SqlLedger.from_url(database_url, lock_timeout_ms=300)
-    try:
-        ids = seed(ledger)
-        lock = WriteLock(database_url, ids[:PAGE])
+    with seeded_and_locked(database_url, lock_timeout_ms=300) as (ledger, ids, lock):
 
         async def answer(anchor: str, _: Reconciler) -> httpx.Response:
             if anchor in FIRST:
@@ -101,10 +116,8 @@ def test_a_page_that_fails_to_be_written_while_the_next_is_looked_up_fails_the_p
                 lock.release()  # so that the failed pass can still finish its run row
             return verified(anchor)
 
-        try:
-            failed = asyncio.run(pass_with(ledger, answer))
-        finally:
-            lock.release()
+        failed = asyncio.run(pass_with(ledger, answer))
+        lock.release()  # let go by the lookups already; the next pass needs it free
         assert failed.status == "failed" and "lock" in (failed.error_detail or "").lower(), failed.error_detail
         # nothing of either page was written: the second is not written after the first failed
         assert failed.checked == 0 and failed.fixed == 0
@@ -117,8 +130,6 @@ def test_a_page_that_fails_to_be_written_while_the_next_is_looked_up_fails_the_p
         done = asyncio.run(pass_with(ledger, at_once))
         assert (done.status, done.checked, done.fixed) == ("completed", 4, 4)
         assert state(ledger, ids) == ["VERIFIED"] * 4 and kinds(ledger) == []
-    finally:
-        ledger.close()
 
 
 def test_a_stop_during_the_next_pages_lookups_writes_and_counts_both_pages(ledger: SqlLedger) -> None:
@@ -138,10 +149,7 @@ def test_a_stop_during_the_next_pages_lookups_writes_and_counts_both_pages(ledge
 
 
 def test_a_page_whose_write_fails_while_the_pass_stops_for_another_reason_is_logged(database_url: str) -> None:
-    ledger = SqlLedger.from_url(database_url, lock_timeout_ms=300)
-    try:
-        ids = seed(ledger)
-        lock = WriteLock(database_url, ids[:PAGE])
+    with seeded_and_locked(database_url, lock_timeout_ms=300) as (ledger, ids, lock):
 
         async def answer(anchor: str, _: Reconciler) -> httpx.Response:
             if anchor in FIRST:
@@ -152,24 +160,16 @@ def test_a_page_whose_write_fails_while_the_pass_stops_for_another_reason_is_log
             lock.release()
             return httpx.Response(500, json={"success": False, "error": {"code": "INTERNAL_ERROR", "message": "down"}})
 
-        try:
-            with capture_logs() as events:
-                failed = asyncio.run(pass_with(ledger, answer))
-        finally:
-            lock.release()
+        with capture_logs() as events:
+            failed = asyncio.run(pass_with(ledger, answer))
         # the pass fails for its own reason (no lookup answered), and the lost page is in the log
         assert failed.status == "failed" and "answered no lookup" in (failed.error_detail or ""), failed.error_detail
         assert [e["event"] for e in events if e["event"] == "reconcile_page_not_written"] == ["reconcile_page_not_written"]
         assert state(ledger, ids) == ["QUEUED"] * 4 and failed.checked == 0
-    finally:
-        ledger.close()
 
 
 def test_a_cancel_while_waiting_for_a_pages_write_still_counts_that_page(database_url: str) -> None:
-    ledger = SqlLedger.from_url(database_url)
-    try:
-        ids = seed(ledger)
-        lock = WriteLock(database_url, ids[:PAGE])
+    with seeded_and_locked(database_url) as (ledger, ids, lock):
         second_answered = asyncio.Event()
 
         async def answer(anchor: str, _: Reconciler) -> httpx.Response:
@@ -186,13 +186,8 @@ def test_a_cancel_while_waiting_for_a_pages_write_still_counts_that_page(databas
             await asyncio.sleep(0.1)
             lock.release()  # the write goes through: the ledger has it, and commits it
 
-        try:
-            with pytest.raises(asyncio.CancelledError):
-                asyncio.run(pass_with(ledger, answer, started=cancel_while_writing))
-        finally:
-            lock.release()
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(pass_with(ledger, answer, started=cancel_while_writing))
         assert state(ledger, ids) == ["VERIFIED", "VERIFIED", "QUEUED", "QUEUED"]
         # the committed page is in the run row's counts, though the pass was interrupted
         assert run_row(ledger) == ("failed", "interrupted", 2, 2)
-    finally:
-        ledger.close()
