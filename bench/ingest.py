@@ -15,12 +15,17 @@ With --process-writer-too, each backend has a second daemon with PACRECON_WEBHOO
 (`<backend>_process_at_thread_rate`): the two writers at one rate. Each wrk run reports the CPU
 per request of the target's event-loop thread, its other threads, its child processes, the
 PostgreSQL server and wrk itself.
+With --process-writer-only, only those. With --baseline-code DIR, every daemon has a twin
+running DIR's code (`<target>_baseline`, PYTHONPATH=DIR ahead of this checkout), driven in the
+same rounds and also open-loop at its twin's rate (`<target>_baseline_at_twin_rate`): two
+versions of the code compared in one run, on this noisy host, as bench/reconcile.py does.
 Every body is a unique delta.verified event. After the runs each daemon is SIGKILLed and
 its ledger counted: every 2xx must be a row ("recorded"); wrk abandons the requests in flight
 when its time is up, so rows may exceed 2xx by at most those.
 
 Run from the repository root, under the shared lock:
   flock /tmp/bench.lock .venv/bin/python bench/ingest.py [--rounds 3] [--seconds 8] [--only sqlite]
+      [--process-writer-too | --process-writer-only] [--baseline-code DIR]
 """
 
 from __future__ import annotations
@@ -206,10 +211,20 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
     parser.add_argument("--process-writer-too", action="store_true",
                         help="also drive a daemon per backend with PACRECON_WEBHOOK_WRITER=process (targets sqlite_process, postgres_process)")
+    parser.add_argument("--process-writer-only", action="store_true", help="only the daemons with PACRECON_WEBHOOK_WRITER=process")
+    parser.add_argument("--baseline-code", type=Path, default=None,
+                        help="a checkout of other code (say a `git archive` of the commit before): each daemon gets a twin running "
+                             "that code (`<target>_baseline`), driven in the same rounds, so that two versions are compared in one run")
     args = parser.parse_args()
     backends = args.only or ["sqlite", "postgres"]
-    if args.process_writer_too:
+    if args.process_writer_only:
+        backends = [f"{b}_process" for b in backends]
+    elif args.process_writer_too:
         backends += [f"{b}_process" for b in backends]
+    if args.baseline_code is not None:
+        if not (args.baseline_code / "pacrecon" / "__init__.py").is_file():
+            parser.error(f"--baseline-code {args.baseline_code} holds no pacrecon package")
+        backends = [name for b in backends for name in (b, f"{b}_baseline")]
     report: dict[str, object] = {"machine": machine(), "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds}
     print(json.dumps(report["machine"]), flush=True)
 
@@ -231,8 +246,10 @@ def main() -> None:
         stack.callback(bare.stop)
         daemons: dict[str, Daemon] = {}
         for backend, url in databases.items():
-            writer = {"PACRECON_WEBHOOK_WRITER": "process" if backend.endswith("_process") else "thread"}
-            daemons[backend] = Daemon(url, work / backend if (work / backend).mkdir() is None else work, **writer).start()
+            settings = {"PACRECON_WEBHOOK_WRITER": "process" if "_process" in backend else "thread"}
+            if backend.endswith("_baseline"):
+                settings["PYTHONPATH"] = str(args.baseline_code.resolve())  # ahead of this checkout's editable install
+            daemons[backend] = Daemon(url, work / backend if (work / backend).mkdir() is None else work, **settings).start()
             stack.callback(daemons[backend].stop)
         targets: dict[str, tuple[str, int]] = {"bare": (bare.url, bare.port), **{b: (d.url, d.port) for b, d in daemons.items()}}
 
@@ -278,7 +295,10 @@ def main() -> None:
         plan = [(b, b, 0.8 * summary[b]["rps_median"]) for b in daemons]
         plan.insert(1 if "sqlite" in daemons else 0, ("bare", "bare", plan[0][2]))
         # the two writers compared at one rate too: each writer-process daemon at its thread twin's rate
-        plan += [(f"{b}_at_thread_rate", b, 0.8 * summary[b.removesuffix("_process")]["rps_median"]) for b in daemons if b.endswith("_process")]
+        plan += [(f"{b}_at_thread_rate", b, 0.8 * summary[b.removesuffix("_process")]["rps_median"])
+                 for b in daemons if b.endswith("_process") and b.removesuffix("_process") in summary]
+        # the baseline code at its twin's rate too: two versions compared at one offered load
+        plan += [(f"{b}_at_twin_rate", b, 0.8 * summary[b.removesuffix("_baseline")]["rps_median"]) for b in daemons if b.endswith("_baseline")]
         extra: dict[str, int] = {}  # answers of the extra runs, per daemon, for the durability count
         for name, target, rate in plan:
             count = int(rate * args.openloop_seconds) + 1

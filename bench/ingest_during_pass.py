@@ -32,7 +32,8 @@ written after the measurement). The rate is FRACTION of the thread writer's peak
 machine, measured first with wrk as bench/ingest.py does (64 connections, a 2 s warm-up,
 then PEAK_RUNS x PEAK_SECONDS s; median).
 
-Each round, per writer (the writers' order alternates between rounds):
+Each round, per writer (the writers' order alternates between rounds; with --yield-shares, per
+writer and share, `<writer>@<share>`):
   alone     the pass with no webhook load
   loaded    the generator for LOAD seconds; LEAD s after it starts, the pass is started
   no_pass   the generator alone, same rate and LOAD seconds
@@ -64,7 +65,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common import children_of, conditions, cpu_seconds, median, pids_named, thread_cpu_seconds  # noqa: I001  (puts the repo on sys.path)
+from common import children_of, conditions, cpu_seconds, median, pids_named, proc_status_mb, thread_cpu_seconds  # noqa: I001  (puts the repo on sys.path)
 
 import httpx
 from sqlalchemy import text
@@ -208,6 +209,17 @@ def wall_minus_monotonic_ns() -> int:
     return best[1]
 
 
+def peak_rss_mb(daemon: Daemon) -> dict[str, float]:
+    """The kernel's high-water mark of the resident set (VmHWM) of the daemon and of its
+    writer process, so far (read before it stops)."""
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    peaks = {"daemon": round(proc_status_mb(pid, "VmHWM"), 1)}
+    for child in children_of(pid):
+        peaks["writer_process"] = round(proc_status_mb(child, "VmHWM"), 1)
+    return peaks
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path, databases: Databases, sandbox: SandboxProcess, generator: Path) -> None:
         self.args, self.workdir, self.databases, self.sandbox, self.generator = args, workdir, databases, sandbox, generator
@@ -216,9 +228,11 @@ class Bench:
 
     # -- one daemon on a fresh copy ------------------------------------------------------
 
-    def fresh(self, writer: str) -> tuple[Daemon, Path, str]:
-        """A daemon on a new copy of the template ledger; returns it, its directory, the copy's name."""
+    def fresh(self, variant: str) -> tuple[Daemon, Path, str]:
+        """A daemon on a new copy of the template ledger; returns it, its directory, the copy's name.
+        `variant`: the webhook writer, and after an "@" the yield share (else the daemon's default)."""
         self.runs += 1
+        writer, _, share = variant.partition("@")
         name = f"idp_run{self.runs:03d}_{writer}"
         rundir = self.workdir / name
         rundir.mkdir()
@@ -226,6 +240,7 @@ class Bench:
         daemon = Daemon(
             url,
             rundir,
+            **({"PACRECON_RECONCILE_YIELD_SHARE": share} if share else {}),
             PACRECON_WEBHOOK_WRITER=writer,
             PACRECON_PACSPACE_BASE_URL=self.sandbox.url,
             PACRECON_PACSPACE_API_KEY=SANDBOX_KEY,
@@ -279,10 +294,11 @@ class Bench:
                 before = self.cpu(daemon)
                 run = self.wait_pass(admin, self.start_pass(admin))
                 cpu = self.cpu_used(daemon, before)
+            peak_mb = peak_rss_mb(daemon)
             checks = check_ledger(self.databases.url(name), run, self.args.stale, ok2xx=None)
         finally:
             log = self.finish(daemon, rundir, name)
-        return {"pass": brief_run(run), "pass_seconds": pass_seconds(run), "checks": checks, "cpu_seconds": cpu, "log": log}
+        return {"pass": brief_run(run), "pass_seconds": pass_seconds(run), "checks": checks, "cpu_seconds": cpu, "peak_rss_mb": peak_mb, "log": log}
 
     def loaded(self, writer: str, rate: float, seconds: float, with_pass: bool, same_window: tuple[float, float] | None = None) -> dict[str, Any]:
         """The generator at `rate` for `seconds`; with `with_pass`, the pass started LEAD s in."""
@@ -313,13 +329,14 @@ class Bench:
                 out, err = generator.communicate(timeout=seconds + 120)
                 gen_after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = self.cpu_used(daemon, before)
+            peak_mb = peak_rss_mb(daemon)
             cpu["generator"] = round((gen_after.ru_utime + gen_after.ru_stime) - (gen_usage.ru_utime + gen_usage.ru_stime), 2)
             if generator.returncode != 0:
                 raise RuntimeError(f"the generator failed ({generator.returncode}): {err.strip()}")
             totals = json.loads(out)
             start, lat, status = read_dump(dump)
             n = len(lat)
-            result: dict[str, Any] = {"generator": totals, "cpu_seconds": cpu, "whole_run": window_stats(lat, status, 0, n)}
+            result: dict[str, Any] = {"generator": totals, "cpu_seconds": cpu, "peak_rss_mb": peak_mb, "whole_run": window_stats(lat, status, 0, n)}
             if with_pass:
                 result["pass_error"] = pass_error
                 if run is not None:
@@ -455,7 +472,8 @@ def scan_log(path: Path) -> dict[str, Any]:
                     samples.append(line.strip()[:600])
                 continue
             if entry.get("event") == "reconcile_pass":
-                passes.append({k: entry.get(k) for k in ("status", "checked", "looked_up", "fixed", "errors", "redeliveries_requested", "error_detail")})
+                passes.append({k: entry.get(k) for k in ("status", "checked", "looked_up", "fixed", "errors", "redeliveries_requested", "error_detail",
+                                                          "yielded_seconds")})
             level = str(entry.get("level", "")).lower()
             if level in ("warning", "error", "critical", "exception"):
                 key = f"{level}:{entry.get('event')}"
@@ -467,9 +485,9 @@ def scan_log(path: Path) -> dict[str, Any]:
             "reconcile_pass_lines": passes}
 
 
-def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rounds: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for writer in WRITERS:
+    for writer in variants:
         cases = [r[writer] for r in rounds]
         alone = [c["alone"]["pass_seconds"] for c in cases if c["alone"].get("pass_seconds") is not None]
         under = [c["loaded"]["pass_seconds"] for c in cases if c["loaded"].get("pass_seconds") is not None]
@@ -518,8 +536,11 @@ def _brief(case: dict[str, Any]) -> dict[str, Any]:
         if window in case:
             w = case[window]
             out[window] = {k: w[k] for k in ("p50_ms", "p99_ms", "max_ms", "non_2xx", "unanswered")}
+    if "peak_rss_mb" in case:
+        out["peak_rss_mb"] = case["peak_rss_mb"]
     if "log" in case:
         out["log_warn"] = case["log"]["warnings_and_errors"]
+        out["yielded_s"] = [p.get("yielded_seconds") for p in case["log"]["reconcile_pass_lines"]]
     if case.get("checks", {}).get("problems"):
         out["problems"] = case["checks"]["problems"]
     return out
@@ -542,7 +563,15 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep each run's directory (log; on SQLite the ledgers too) in the work directory; PostgreSQL databases are always dropped")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temporary directory goes")
+    parser.add_argument("--writers", default=",".join(WRITERS), help="the webhook writers to run, comma-separated")
+    parser.add_argument("--yield-shares", default=None,
+                        help="PACRECON_RECONCILE_YIELD_SHARE values, comma-separated: each writer runs with each (default: the daemon's own)")
     args = parser.parse_args()
+    writers = args.writers.split(",")
+    if not set(writers) <= set(WRITERS):
+        parser.error(f"--writers: choose from {', '.join(WRITERS)}")
+    shares = args.yield_shares.split(",") if args.yield_shares else [""]
+    variants = [f"{writer}@{share}" if share else writer for writer in writers for share in shares]
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-pass-", dir=args.workdir))
     databases = Databases(args.backend, workdir, args.postgres_url)
@@ -570,7 +599,7 @@ def main() -> None:
         load_seconds = args.load_seconds
         for number in range(args.rounds):
             measured: dict[str, Any] = {"loadavg_before": os.getloadavg()}
-            order = WRITERS if number % 2 == 0 else WRITERS[::-1]
+            order = variants if number % 2 == 0 else variants[::-1]
             for writer in order:
                 case: dict[str, Any] = {"alone": bench.alone(writer)}
                 if load_seconds is None:  # fixed once, from the first pass alone: every run has the same load
@@ -594,7 +623,7 @@ def main() -> None:
         "backend": args.backend, "stale": args.stale, "rate": rate, "fraction_of_thread_peak": args.fraction if args.rate is None else None,
         "load_seconds": load_seconds, "lead_seconds": args.lead, "concurrency": CONCURRENCY,
         "conditions": before, "loadavg_after": os.getloadavg(),
-        "peak": peak, "medians": summarize(rounds), "rounds": rounds,
+        "peak": peak, "medians": summarize(rounds, variants), "rounds": rounds,
     }, indent=2, default=str))
 
 

@@ -176,6 +176,7 @@ def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceCli
         concurrency=settings.reconcile_concurrency,
         clock=clock,
         foreground_busy=foreground_busy,
+        yield_share=settings.yield_share(),
     )
 
 

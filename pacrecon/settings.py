@@ -42,15 +42,19 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: int = Field(60, ge=1)
     stuck_after_seconds: int = Field(3600, ge=1)
     reconcile_concurrency: int = Field(8, ge=1, le=256)
+    # while the daemon's webhooks are busy, a pass waits for them, for at most this share of
+    # its time (0: never waits; 1: as long as they are busy, 2 s at once): reconciler.give_way.
+    # None: what measured best for the database (`yield_share()`)
+    reconcile_yield_share: float | None = Field(None, ge=0, le=1)
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] | None = None  # None: console on a terminal, else JSON
     lock_timeout_ms: int = Field(5_000, ge=1, le=600_000)
-    # "thread": webhooks are written by the daemon's own ledger writer thread (one process);
-    # "process": by a child process of the daemon (its own GIL: more webhooks a second
-    # and a shorter tail under load, for about 58 MB more memory; bench/RESULTS.md)
-    webhook_writer: Literal["thread", "process"] = "thread"
+    # "process": webhooks are written by a child process of the daemon (its own GIL: more
+    # webhooks a second and a shorter tail under load, for about 60 MB more memory);
+    # "thread": by the daemon's own ledger writer thread (one process). bench/RESULTS.md
+    webhook_writer: Literal["thread", "process"] = "process"
 
     @classmethod
     def settings_customise_sources(
@@ -105,6 +109,14 @@ class Settings(BaseSettings):
         if backend not in ("sqlite", "postgresql", "postgres"):
             raise ValueError(f"names the backend {backend!r}; SQLite and PostgreSQL are supported")
         return value
+
+    def yield_share(self) -> float:
+        """The configured share, or the database's: on SQLite 0.5 left the webhooks ten times
+        the tail of 1 and the pass no faster; on PostgreSQL (the database's work in its own
+        processes) it halved the pass under load at no cost to them (bench/RESULTS.md)."""
+        if self.reconcile_yield_share is not None:
+            return self.reconcile_yield_share
+        return 1.0 if make_url(self.database_url).get_backend_name() == "sqlite" else 0.5
 
     def write_deadline_seconds(self) -> float:
         """How long a caller waits for a commit before it is answered 503: room for one

@@ -40,7 +40,6 @@ import struct
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -382,9 +381,12 @@ def _batches(connection: socket.socket) -> Iterator[list[Any]]:
             return
 
 
-def _reply(job: int, event: PacSpaceEvent, future: Future[Any]) -> tuple[Any, ...]:
+def _reply(job: int, event: PacSpaceEvent, outcome: tuple[BaseException | None, Any]) -> tuple[Any, ...]:
+    error, result = outcome
     try:
-        stored = Stored.of(event, future.result())
+        if error is not None:
+            raise error
+        stored = Stored.of(event, result)
     except StorageUnavailable as exc:
         return (job, "unavailable", str(exc))
     except Exception as exc:  # a bug: answered 503, logged here, never a 2xx
@@ -435,9 +437,9 @@ def main(descriptor: int) -> int:
                 jobs.append(job)
                 works.append(RecordEvent(event, raw_body, signature_timestamp, datetime.fromtimestamp(received_at, UTC)))
             for start in range(0, len(works), MAX_BATCH):
-                futures = ledger.commit_here(works[start : start + MAX_BATCH])
-                batch = zip(jobs[start : start + MAX_BATCH], works[start : start + MAX_BATCH], futures, strict=True)
-                out += [_reply(job, work.event, future) for job, work, future in batch]
+                outcomes = ledger.commit_here(works[start : start + MAX_BATCH])
+                batch = zip(jobs[start : start + MAX_BATCH], works[start : start + MAX_BATCH], outcomes, strict=True)
+                out += [_reply(job, work.event, outcome) for job, work, outcome in batch]
                 connection.sendall(_frame(out))  # each committed batch answered at once
                 out = []
             if out:

@@ -26,6 +26,7 @@ from reconciler.apply import CLEARED_BY_SETTLING, apply_claim, chain_sequences, 
 from reconciler.claims import ClaimedStatus, DeltaClaim, same_hash
 from reconciler.errors import PacSpaceError
 from reconciler.events import MAX_SEQUENCE
+from reconciler.give_way import GiveWay
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
 from storage.errors import DATABASE_TROUBLE, StorageUnavailable
 from storage.models import Discrepancy, LocalDelta, ReconciliationRun
@@ -42,9 +43,6 @@ REQUEUE_ROUNDS = 4  # lookups PacSpace throttled are tried again this often with
 THROTTLED = frozenset({429, 503})  # "slow down", as opposed to "not there" (network errors, timeouts)
 ORPHAN_PAGE = 1000
 FAILED_DELIVERY_PAGES = 10
-# webhooks first: while the daemon is busy with them the pass waits before each lookup and page
-# write, a step at a time, and never longer than the cap at once (so that it always moves on)
-YIELD_STEP_SECONDS, YIELD_MAX_STEPS = 0.02, 100  # 2 s at most
 ACTOR = "reconciler"
 Lookup = StatusAnswer | PacSpaceError
 Answer = TypeVar("Answer")
@@ -70,7 +68,7 @@ class PassSummary:
     redeliveries: int = 0
     open_after: int | None = None
     error_detail: str | None = None
-    yielded_seconds: float = 0.0  # waited for the daemon's webhooks (logged, not in the run row)
+    yielded_seconds: float = 0.0  # waited for the daemon's webhooks, wall time (logged, not in the run row)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -135,11 +133,14 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
         foreground_busy: Callable[[], bool] | None = None,
+        yield_share: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """`foreground_busy`: whether the daemon's webhooks need the process now (they share its
-        event loop, its GIL and its database with the pass); the pass then waits."""
+        event loop, its GIL and its database with the pass); the pass then waits, for at most
+        `yield_share` of its time (`reconciler.give_way`)."""
         self.ledger, self.client = ledger, client
-        self.foreground_busy = foreground_busy
+        self.foreground_busy, self.yield_share, self.monotonic = foreground_busy, yield_share, monotonic
         self.stale_after = timedelta(seconds=stale_after_seconds)
         self.stuck_after = timedelta(seconds=stuck_after_seconds)
         self.concurrency, self.page_size = concurrency, page_size
@@ -183,6 +184,7 @@ class Reconciler:
 
     async def _run(self, summary: PassSummary, held: Held, on_started: Callable[[int], None] | None = None) -> None:
         now = summary.started_at or self._now()
+        give_way = GiveWay(self.foreground_busy, self.yield_share, self.sleep, self.monotonic)
         try:
             base_open = await self.ledger.read(lambda s: s.count_open_discrepancies())
             if not summary.dry_run:
@@ -193,11 +195,11 @@ class Reconciler:
                     on_started(summary.run_id)
             # first: a delta an orphan webhook settles needs no lookup
             summary.fixed += await self._late_orphans(summary, now)
-            opened = await self._stale_deltas(summary, now, held)
+            opened = await self._stale_deltas(summary, now, held, give_way)
             opened += await self._orphans(summary, now)
             if not summary.dry_run:
                 self._stop_if_asked()
-                await self._redeliver_failed(summary)
+                await self._redeliver_failed(summary, give_way)
             summary.status = RunStatus.COMPLETED.value
             if summary.dry_run:
                 summary.open_after = base_open + opened  # what would be open, had it not been rolled back
@@ -211,7 +213,7 @@ class Reconciler:
             summary.status, summary.error_detail = RunStatus.FAILED.value, "interrupted"
             raise
         finally:
-            summary.finished_at = self._now()
+            summary.finished_at, summary.yielded_seconds = self._now(), give_way.yielded_seconds
             with contextlib.suppress(StorageUnavailable):
                 if not summary.dry_run:
                     summary.open_after = await self.ledger.read(lambda s: s.count_open_discrepancies())
@@ -222,7 +224,7 @@ class Reconciler:
 
     # -- stale deltas -------------------------------------------------------------
 
-    async def _stale_deltas(self, summary: PassSummary, now: datetime, held: Held) -> int:
+    async def _stale_deltas(self, summary: PassSummary, now: datetime, held: Held, give_way: GiveWay) -> int:
         """Every stale delta, a page at a time. A page is written while the next one is read
         and looked up (the lookups wait on PacSpace, the writing on the database: one
         overlaps the other); one page is written at a time, in order."""
@@ -246,7 +248,7 @@ class Reconciler:
                     return opened + await writing.counted()
                 after = (page[-1][2], page[-1][0])
                 anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
-                looked_up = await self._look_up(anchors, throttle, summary)
+                looked_up = await self._look_up(anchors, throttle, summary, give_way)
                 failures = [a for a in looked_up.values() if isinstance(a, PacSpaceError) and a.status != 404]
                 if looked_up and len(failures) == len(looked_up):
                     raise PassStopped(f"PacSpace answered no lookup: {failures[0].code} {failures[0].message}"[:500])
@@ -261,28 +263,17 @@ class Reconciler:
                     run_id=summary.run_id,
                 )
                 opened += await writing.counted()
-                await self._yield_to_webhooks(summary)
+                await give_way()
                 writing.start(self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
         finally:
             await writing.settled()  # leaving early: the page being written is counted if it was
 
-    async def _yield_to_webhooks(self, summary: PassSummary) -> None:
-        """Wait while the daemon's webhooks are busy (a step at a time, YIELD_MAX_STEPS at
-        most). Measured without it (bench/ingest_during_pass.py): a pass under webhook load
-        took the GIL and the database from them, and their answers took seconds."""
-        busy = self.foreground_busy
-        steps = 0
-        while busy is not None and steps < YIELD_MAX_STEPS and busy():
-            await self.sleep(YIELD_STEP_SECONDS)
-            steps += 1
-        summary.yielded_seconds += steps * YIELD_STEP_SECONDS
-
-    async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary) -> dict[str, Lookup]:
+    async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary, give_way: GiveWay) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)
-        return await self._ask_each(sorted(anchors), self.client.delta_status, throttle, summary)
+        return await self._ask_each(sorted(anchors), self.client.delta_status, throttle, give_way)
 
     async def _ask_each(
-        self, keys: list[str], ask: Callable[[str], Awaitable[Answer]], throttle: Throttle, summary: PassSummary
+        self, keys: list[str], ask: Callable[[str], Awaitable[Answer]], throttle: Throttle, give_way: GiveWay
     ) -> dict[str, Answer | PacSpaceError]:
         """`ask` for every key, `concurrency` at a time; what PacSpace throttled is asked
         again (up to REQUEUE_ROUNDS rounds) after the shared pause."""
@@ -294,7 +285,7 @@ class Reconciler:
 
             async def one(key: str) -> None:
                 async with slots:
-                    await self._yield_to_webhooks(summary)
+                    await give_way()
                     await throttle.wait()
                     try:
                         results[key] = await ask(key)
@@ -341,7 +332,7 @@ class Reconciler:
             if page < ORPHAN_PAGE or summary.dry_run:
                 return done
 
-    async def _redeliver_failed(self, summary: PassSummary) -> None:
+    async def _redeliver_failed(self, summary: PassSummary, give_way: GiveWay) -> None:
         """Ask PacSpace to deliver again every webhook it lists as failed."""
         event_ids: list[str] = []
         try:
@@ -354,12 +345,14 @@ class Reconciler:
         except PacSpaceError as error:
             summary.errors += 1
             log.warning("failed_deliveries_not_listed", code=error.code)
-        await self.request_redeliveries(event_ids, summary)
+        await self.request_redeliveries(event_ids, summary, give_way)
 
-    async def request_redeliveries(self, event_ids: list[str], summary: PassSummary) -> None:
+    async def request_redeliveries(self, event_ids: list[str], summary: PassSummary, give_way: GiveWay | None = None) -> None:
         """POST .../retry for each event, as concurrently as the lookups (up to 1,000 of them
-        one after the other were a tenth of a large pass), waiting out 429/503 as they do."""
-        answers = await self._ask_each(list(dict.fromkeys(event_ids)), self.client.retry_webhook, Throttle(self.clock, self.sleep), summary)
+        one after the other were a tenth of a large pass), waiting out 429/503 as they do
+        (and for the webhooks, with the pass's `give_way`)."""
+        give_way = give_way or GiveWay(None, 0, self.sleep)
+        answers = await self._ask_each(list(dict.fromkeys(event_ids)), self.client.retry_webhook, Throttle(self.clock, self.sleep), give_way)
         for event_id, answer in answers.items():
             if isinstance(answer, PacSpaceError):
                 summary.errors += 1

@@ -19,10 +19,11 @@ from storage.errors import StorageUnavailable
 
 
 class Job:
-    """One caller's work, and how to tell the caller: a `Future` (synchronous callers), or
-    an asyncio future resolved on its own event loop (`resolve_all`)."""
+    """One caller's work, and how to tell the caller: a `Future` (synchronous callers), an
+    asyncio future resolved on its own event loop, or (`here`: the caller commits the batch
+    in its own thread and reads the outcome after) just `outcome` (`resolve_all`)."""
 
-    __slots__ = ("work", "future", "loop", "waiter")
+    __slots__ = ("work", "future", "loop", "waiter", "outcome")
 
     def __init__(
         self,
@@ -30,10 +31,12 @@ class Job:
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         waiter: asyncio.Future[Any] | None = None,
+        here: bool = False,
     ) -> None:
         self.work, self.loop, self.waiter = work, loop, waiter
         # a concurrent Future (with its Condition and lock) only for a caller that blocks on it
-        self.future: Future[Any] | None = Future() if waiter is None else None
+        self.future: Future[Any] | None = Future() if waiter is None and not here else None
+        self.outcome: tuple[BaseException | None, Any] | None = None  # (error, result), for `here`
 
     def start(self) -> bool:
         """False when the caller cancelled before the work began: then it is skipped."""
@@ -49,6 +52,8 @@ def resolve_all(outcomes: Iterable[tuple[Job, BaseException | None, Any]]) -> No
             on_loops.setdefault(job.loop, []).append((job.waiter, error, result))
         elif job.future is not None:
             _settle(job.future, error, result)
+        elif job.outcome is None:  # the first outcome stays, as a future's does
+            job.outcome = (error, result)
     for loop, items in on_loops.items():
         try:
             loop.call_soon_threadsafe(_settle_waiters, items)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -62,13 +61,13 @@ class SqlLedger:
         self._writer.submit_waiter(work, loop, waiter)
         return await wait_within(waiter, self.write_deadline_seconds, self._late)  # type: ignore[no-any-return]
 
-    def commit_here(self, works: Sequence[Work[Any]]) -> list[Future[Any]]:
+    def commit_here(self, works: Sequence[Work[Any]]) -> list[tuple[BaseException | None, Any]]:
         """`works` committed as one batch of the writer, in the calling thread, now: for a
-        process whose one task is these writes (no hand-off to the writer thread and back).
-        Each future is resolved when this returns, with its result or its failure."""
-        jobs = [Job(work) for work in works]
+        process whose one task is these writes (no hand-off to the writer thread and back,
+        and no future to hand over). Each work's (failure, result), one of them None."""
+        jobs = [Job(work, here=True) for work in works]
         commit_jobs(self._commit_batch, jobs)
-        return [job.future for job in jobs if job.future is not None]
+        return [job.outcome or (StorageUnavailable("the writer told this work nothing"), None) for job in jobs]
 
     def transact_sync(self, work: Work[T]) -> T:
         try:

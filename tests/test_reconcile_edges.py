@@ -253,14 +253,17 @@ def test_a_status_answer_that_names_the_previous_proof_is_checked_against_the_ch
 
 def test_a_pass_waits_while_the_daemons_webhooks_are_busy_and_always_moves_on(ledger: SqlLedger) -> None:
     """Webhooks first: each lookup and each page write waits while `foreground_busy` says so,
-    a step at a time and at most YIELD_MAX_STEPS steps at once; then the pass goes on regardless."""
-    from reconciler.reconcile import YIELD_MAX_STEPS, YIELD_STEP_SECONDS
+    a step at a time and at most MAX_STEPS steps at once, and for at most `yield_share` of
+    the pass's time; then the pass goes on regardless."""
+    from reconciler.give_way import MAX_STEPS, STEP_SECONDS
 
     ids = add(ledger, delta(1, "a_y1"), delta(2, "a_y2", idempotency_key="k2y"))
     slept: list[float] = []
+    clock = [0.0]  # the pass's monotonic clock: each lookup takes 0.1 s of it, each wait its steps
     busy_answers = iter([True] * 3)  # busy for three checks, then quiet
 
     def answer(request: httpx.Request) -> httpx.Response:
+        clock[0] += 0.1
         anchor = request.url.path.rsplit("/", 1)[-1]
         if anchor.startswith("a_y"):
             n = anchor[-1]
@@ -268,24 +271,35 @@ def test_a_pass_waits_while_the_daemons_webhooks_are_busy_and_always_moves_on(le
                        "customerId": "cust", "delta": int(n)})
         return ok({"deliveries": []})
 
-    async def go(busy: Callable[[], bool]) -> PassSummary:
+    async def go(busy: Callable[[], bool], share: float = 1.0) -> PassSummary:
         async def sleep(seconds: float) -> None:
             slept.append(seconds)
+            clock[0] += seconds
 
         async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
             client = PacSpaceClient(http, "http://pacspace.test", "k", RetryPolicy(attempts=1), sleep=lambda _: asyncio.sleep(0))
             reconciler = Reconciler(ledger, client, stale_after_seconds=0, stuck_after_seconds=3600, concurrency=1,
-                                    sleep=sleep, foreground_busy=busy)
+                                    sleep=sleep, foreground_busy=busy, yield_share=share, monotonic=lambda: clock[0])
             return await reconciler.run_pass()
 
+    # the first check comes before any lookup: a pass that has done nothing has earned no wait
     summary = asyncio.run(go(lambda: next(busy_answers, False)))
     assert (summary.status, summary.fixed) == ("completed", 2) and state(ledger, ids) == ["VERIFIED", "VERIFIED"]
-    assert slept == [YIELD_STEP_SECONDS] * 3 and summary.yielded_seconds == pytest.approx(3 * YIELD_STEP_SECONDS)
+    assert slept == [STEP_SECONDS] * 2 and summary.yielded_seconds == pytest.approx(2 * STEP_SECONDS)
 
-    # busy for good: every wait stops at the cap, and the pass still completes
+    # busy for good, the whole pass's time allowed: every wait stops at the cap, and the pass still completes
     ids = add(ledger, delta(3, "a_y3", idempotency_key="k3y"))
     slept.clear()
     summary = asyncio.run(go(lambda: True))
     assert (summary.status, summary.fixed) == ("completed", 1) and state(ledger, ids) == ["VERIFIED"]
-    waits = len(slept) / YIELD_MAX_STEPS  # one lookup and one page write: two capped waits (no redelivery to ask for)
-    assert waits == 2 and set(slept) == {YIELD_STEP_SECONDS}
+    # the lookup came first and had earned no wait; the page write waited to the cap (no redelivery to ask for)
+    assert slept == [STEP_SECONDS] * MAX_STEPS
+
+    # busy for good, a quarter of the pass's time: the waits stop there
+    ids = add(ledger, *(delta(n, f"a_y{n}") for n in range(4, 10)))
+    slept.clear()
+    started = clock[0]
+    summary = asyncio.run(go(lambda: True, share=0.25))
+    assert (summary.status, summary.fixed) == ("completed", 6) and state(ledger, ids) == ["VERIFIED"] * 6
+    assert 0 < summary.yielded_seconds == pytest.approx(sum(slept))
+    assert summary.yielded_seconds <= 0.25 * (clock[0] - started) + STEP_SECONDS

@@ -307,6 +307,24 @@ def test_group_commit_isolates_a_failing_job(ledger: SqlLedger) -> None:
     assert count == 49
 
 
+def test_commit_here_gives_each_work_its_own_outcome_after_one_commit(ledger: SqlLedger) -> None:
+    """The writer process's way: a batch committed in the calling thread, each work's
+    (failure, result) read after it; one failing work undoes only its own writes."""
+
+    def good(n: int):
+        return lambda s: s.add_delta(new_delta(n, Decimal(n))).id
+
+    def bad(session: LedgerSession) -> None:
+        session.add_delta(new_delta(999, Decimal(1)))
+        raise ValueError("this job fails after writing")
+
+    outcomes = ledger.commit_here([good(1), bad, good(2)])
+    (e1, id1), (e2, r2), (e3, id3) = outcomes
+    assert e1 is None and e3 is None and isinstance(id1, int) and isinstance(id3, int) and id1 != id3
+    assert isinstance(e2, ValueError) and r2 is None
+    assert ledger.read_sync(lambda s: s.totals_by_status())["QUEUED"][0] == 2
+
+
 def test_a_refused_statement_in_one_job_leaves_the_others(ledger: SqlLedger) -> None:
     async def run() -> list[object]:
         broken = ledger.transact(lambda s: s._session.execute(text("SELECT * FROM no_such_table")))
