@@ -26,9 +26,9 @@ GET .../runs/{id} polled until it is no longer running). Each copy is dropped on
 has stopped, and every database the run created is dropped at the end, also on failure.
 
 Load: bench/openloop.c (the generator bench/ingest.py uses), built with gcc into the work
-directory with one addition: after its run it writes each request's latency and status to
-the file named by OPENLOOP_DUMP (its JSON line and its timing are unchanged; the dump is
-written after the measurement). The rate is FRACTION of the thread writer's peak on this
+directory; after its run it writes each request's latency and status to the file named by
+OPENLOOP_DUMP (its JSON line and its timing are unchanged; the dump is written after the
+measurement). The rate is FRACTION of the thread writer's peak on this
 machine, measured first with wrk as bench/ingest.py does (64 connections, a 2 s warm-up,
 then PEAK_RUNS x PEAK_SECONDS s; median).
 
@@ -71,7 +71,7 @@ import httpx
 from sqlalchemy import text
 
 import ledgers
-from ingest import DEFAULT_PG, run_wrk, write_bodies
+from ingest import DEFAULT_PG, build_openloop, run_wrk, write_bodies
 from reconcile import CONCURRENCY, STALE_AGE, Databases
 from storage.engine import make_engine
 from tests.daemon import SANDBOX_KEY, Daemon, SandboxProcess
@@ -88,44 +88,6 @@ TEMPLATE = "idp_small"  # Databases names it bench_idp_small_<tag> on PostgreSQL
 # PostgreSQL's lock_timeout ("canceling statement due to lock timeout", LockNotAvailable), deadlocks
 LOCK_WORDS = ("locked", "busy", "lock timeout", "locknotavailable", "deadlock")
 
-# the additions to openloop.c: per-request latency and status, written after the run
-_PATCHES = [
-    ("static int64_t start, *lat, *lag;",
-     "static int64_t start, *lat, *lag;\nstatic int64_t *rlat;                 /* ingest_during_pass: latency per request, -1 unanswered */\n"
-     "static int32_t *rstat;                /* ingest_during_pass: HTTP status per request, 0 unanswered */"),
-    ("    lat[nlat++] = t - due(c->req);",
-     "    lat[nlat++] = t - due(c->req);\n    rlat[c->req] = t - due(c->req), rstat[c->req] = (int32_t)status;"),
-    ('    if (!lat || !lag) die("out of memory");',
-     '    if (!lat || !lag) die("out of memory");\n    rlat = malloc((n + 1) * sizeof *rlat), rstat = calloc(n + 1, sizeof *rstat);\n'
-     '    if (!rlat || !rstat) die("out of memory");\n    for (long j = 0; j <= n; j++) rlat[j] = -1;'),
-    ('    ms("generator_lag_max_ms", next_lag ? lag[next_lag - 1] / 1e6 : NAN, "}\\n");\n    return 0;',
-     '    ms("generator_lag_max_ms", next_lag ? lag[next_lag - 1] / 1e6 : NAN, "}\\n");\n'
-     '    const char *dump = getenv("OPENLOOP_DUMP");\n'
-     '    if (dump) {\n'
-     '        FILE *d = fopen(dump, "wb");\n'
-     '        int64_t head[2] = {start, n};\n'
-     '        if (!d || fwrite(head, sizeof head, 1, d) != 1 || fwrite(rlat, sizeof *rlat, n, d) != (size_t)n\n'
-     '            || fwrite(rstat, sizeof *rstat, n, d) != (size_t)n || fclose(d)) die("cannot write OPENLOOP_DUMP");\n'
-     '    }\n'
-     '    return 0;'),
-]
-
-
-def build_generator(workdir: Path) -> Path:
-    source = (HERE / "openloop.c").read_text()
-    for old, new in _PATCHES:
-        assert source.count(old) == 1, f"openloop.c changed: {old!r} not found once"
-        source = source.replace(old, new)
-    patched = workdir / "openloop_dump.c"
-    patched.write_text(source)
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise SystemExit("needs gcc to build bench/openloop.c")
-    binary = workdir / "openloop_dump"
-    built = subprocess.run([gcc, "-O2", "-Wall", "-Wextra", "-std=gnu11", "-o", str(binary), str(patched), "-lm"], capture_output=True, text=True)
-    if built.returncode != 0:
-        raise SystemExit(f"gcc could not build the patched openloop.c:\n{built.stderr}")
-    return binary
 
 
 def read_dump(path: Path) -> tuple[int, array.array, array.array]:
@@ -580,7 +542,7 @@ def main() -> None:
     rounds: list[dict[str, Any]] = []
     sandbox = SandboxProcess(workdir, "--seed", "11", "--verify-delay", "3600", "--max-attempts", "1").start()
     try:
-        generator = build_generator(workdir)
+        generator = build_openloop(workdir)
         started = time.monotonic()
         imported = ledgers.verified_stale(sandbox, workdir, args.stale)
         ledgers.seed(databases.create(TEMPLATE), iter(ledgers.place_stale(imported, args.total, STALE_AGE)))

@@ -13,6 +13,9 @@
  * generator_lag_*: how late the generator got to a request: the clock just before it wrote
  * the request (or opened a connection for it), or, if all MAX_CONN connections were busy, when
  * it found none free (the wait for a connection then shows in the latency, not the lag).
+ * OPENLOOP_DUMP=FILE (bench/ingest_during_pass.py): after the run, and outside its timing, FILE
+ * gets every request's latency and status: int64 start (CLOCK_MONOTONIC ns) and n, then n int64
+ * latencies in ns (-1: unanswered), then n int32 HTTP statuses (0: unanswered).
  * Build: gcc -O2 -Wall -Wextra -std=gnu11 -o openloop bench/openloop.c -lm
  */
 #define _GNU_SOURCE
@@ -52,6 +55,8 @@ static conn *idle[MAX_CONN];
 static int nidle, opened, ep;
 static long n, inflight, ok2xx, recorded, other, errors, nlat;
 static int64_t start, *lat, *lag;
+static int64_t *rlat;                 /* for OPENLOOP_DUMP: latency per request, -1 unanswered */
+static int32_t *rstat;                /* for OPENLOOP_DUMP: HTTP status per request, 0 unanswered */
 static double rate;
 static char *reqbuf;                 /* all requests back to back; request i is reqbuf[off[i]..off[i+1]) */
 static size_t *off;
@@ -145,6 +150,7 @@ static int answered(conn *c) {
     if (c->blen < head + length) return 0;   /* body still on its way */
     int64_t t = now_ns();
     lat[nlat++] = t - due(c->req);
+    rlat[c->req] = t - due(c->req), rstat[c->req] = (int32_t)status;
     if (status >= 200 && status < 300) {
         ok2xx++;
         recorded += memmem(c->buf + head, length, "\"recorded\"", 10) != NULL;
@@ -234,6 +240,9 @@ int main(int argc, char **argv) {
     load_requests(argv[3], argv[1]);
     lat = malloc((n + 1) * sizeof *lat), lag = malloc((n + 1) * sizeof *lag);
     if (!lat || !lag) die("out of memory");
+    rlat = malloc((n + 1) * sizeof *rlat), rstat = calloc(n + 1, sizeof *rstat);
+    if (!rlat || !rstat) die("out of memory");
+    for (long j = 0; j <= n; j++) rlat[j] = -1;
     prctl(PR_SET_TIMERSLACK, 1UL);    /* wake at the due time, not up to 50 us later */
     ep = epoll_create1(EPOLL_CLOEXEC);
     int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -288,5 +297,12 @@ int main(int argc, char **argv) {
     ms("max_ms", nlat ? lat[nlat - 1] / 1e6 : NAN, ", ");
     ms("generator_lag_p99_ms", pct_ms(lag, next_lag, 99), ", ");
     ms("generator_lag_max_ms", next_lag ? lag[next_lag - 1] / 1e6 : NAN, "}\n");
+    const char *dump = getenv("OPENLOOP_DUMP");
+    if (dump) {
+        FILE *d = fopen(dump, "wb");
+        int64_t head[2] = {start, n};
+        if (!d || fwrite(head, sizeof head, 1, d) != 1 || fwrite(rlat, sizeof *rlat, n, d) != (size_t)n
+            || fwrite(rstat, sizeof *rstat, n, d) != (size_t)n || fclose(d)) die("cannot write OPENLOOP_DUMP");
+    }
     return 0;
 }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Context, Decimal
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Numeric, func

@@ -19,8 +19,8 @@ from structlog.testing import capture_logs
 
 from reconciler.pacspace import PacSpaceClient, RetryPolicy
 from reconciler.reconcile import PassSummary, Reconciler
-from storage.models import ReconciliationRun
 from storage.engine import LOCK_TIMEOUT_MS
+from storage.models import ReconciliationRun
 from storage.sql_ledger import SqlLedger
 from tests.test_reconcile_edges import H, add, delta, kinds, ok, state
 

@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -147,7 +148,7 @@ def _event(event_id: str) -> WebhookEvent:
         datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),  # a year of three digits: padded to four
     ],
 )
-def test_times_are_stored_as_sqlalchemys_own_sqlite_text_and_read_back_as_the_same_instant(tmp_path, moment: datetime) -> None:
+def test_times_are_stored_as_sqlalchemys_own_sqlite_text_and_read_back_as_the_same_instant(tmp_path: Path, moment: datetime) -> None:
     """UtcDateTime writes SQLite's DATETIME text itself (faster): the text must be exactly what
     SQLAlchemy's DATETIME writes, or rows written before and after would sort and compare apart."""
     from sqlalchemy.dialects.sqlite import DATETIME
