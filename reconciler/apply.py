@@ -15,6 +15,7 @@ from typing import Any
 from reconciler.claims import ChainNeighbours, ClaimedStatus, DeltaClaim, Finding, compare
 from reconciler.events import PacSpaceEvent, parse_event
 from storage.batch import Isolated, Outcome
+from storage.delta_row import AnyDelta
 from storage.models import Discrepancy, LocalDelta, WebhookEvent
 from storage.session import LedgerSession
 from storage.vocabulary import DeltaStatus, DetectedBy, DiscrepancyKind, EventOutcome, VerifiedBy
@@ -196,7 +197,7 @@ def matching_deltas(session: LedgerSession, claim: DeltaClaim) -> list[LocalDelt
 
 def apply_claim(
     session: LedgerSession,
-    delta: LocalDelta,
+    delta: AnyDelta,
     claim: DeltaClaim,
     now: datetime,
     *,
@@ -238,7 +239,7 @@ def apply_claim(
     return findings
 
 
-def _follow(delta: LocalDelta, claim: DeltaClaim, now: datetime, by: VerifiedBy) -> None:
+def _follow(delta: AnyDelta, claim: DeltaClaim, now: datetime, by: VerifiedBy) -> None:
     """Move `delta` to the claimed state; a terminal status is never left."""
     status = DeltaStatus(delta.status)
     if claim.status is ClaimedStatus.VERIFIED:
@@ -260,13 +261,13 @@ def _follow(delta: LocalDelta, claim: DeltaClaim, now: datetime, by: VerifiedBy)
     delta.updated_at = now
 
 
-def verification_lag_ms(delta: LocalDelta, verified_at: datetime) -> int:
+def verification_lag_ms(delta: AnyDelta, verified_at: datetime) -> int:
     """Milliseconds from emit (PacSpace's receivedAt, else our record) to verified, never negative."""
     emitted = delta.emitted_at or delta.created_at
     return max(0, round((verified_at - emitted).total_seconds() * 1000))
 
 
-def _fill(delta: LocalDelta, claim: DeltaClaim) -> None:
+def _fill(delta: AnyDelta, claim: DeltaClaim) -> None:
     """Record what the verification adds; never replace a value we already hold."""
     for attribute, value in (
         ("receipt_id", claim.receipt_id),
@@ -292,7 +293,7 @@ def chain_sequences(claim: DeltaClaim) -> tuple[str, ...]:
     return (str(number - 1), str(number + 1)) if number > 0 else (str(number + 1),)
 
 
-def _chain_neighbours(session: LedgerSession, delta: LocalDelta, claim: DeltaClaim) -> ChainNeighbours:
+def _chain_neighbours(session: LedgerSession, delta: AnyDelta, claim: DeltaClaim) -> ChainNeighbours:
     sequences = chain_sequences(claim)
     if not sequences:
         return ChainNeighbours()

@@ -10,7 +10,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 from reconciler.proofs import PROOF_VERSION, ProofUnverifiable, merkle_root
-from storage.models import LocalDelta
+from storage.delta_row import AnyDelta
 from storage.vocabulary import DeltaStatus, DiscrepancyKind
 
 
@@ -49,8 +49,8 @@ class DeltaClaim:
 class ChainNeighbours:
     """Our deltas of the same customer just before and after the claim's sequence number."""
 
-    previous: LocalDelta | None = None
-    following: LocalDelta | None = None
+    previous: AnyDelta | None = None
+    following: AnyDelta | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def same_hash(a: object, b: object) -> bool:
     return isinstance(a, str) and isinstance(b, str) and a.strip().lower() == b.strip().lower()
 
 
-def compare(delta: LocalDelta, claim: DeltaClaim, chain: ChainNeighbours = ChainNeighbours()) -> list[Finding]:
+def compare(delta: AnyDelta, claim: DeltaClaim, chain: ChainNeighbours = ChainNeighbours()) -> list[Finding]:
     """Every difference between `delta` (ours) and `claim` (PacSpace's), in a fixed order.
 
     An empty list means the claim may be applied to the delta. Checks a claim
@@ -91,7 +91,7 @@ def compare(delta: LocalDelta, claim: DeltaClaim, chain: ChainNeighbours = Chain
     return findings
 
 
-def _identity_findings(delta: LocalDelta, claim: DeltaClaim) -> list[Finding]:
+def _identity_findings(delta: AnyDelta, claim: DeltaClaim) -> list[Finding]:
     findings = []
     if claim.customer_id is not None and claim.customer_id != delta.customer_id:
         findings.append(
@@ -126,7 +126,7 @@ def _identity_findings(delta: LocalDelta, claim: DeltaClaim) -> list[Finding]:
     return findings
 
 
-def _status_findings(delta: LocalDelta, claim: DeltaClaim) -> list[Finding]:
+def _status_findings(delta: AnyDelta, claim: DeltaClaim) -> list[Finding]:
     ours = DeltaStatus(delta.status)
     conflicting = (claim.status is ClaimedStatus.VERIFIED and ours in (DeltaStatus.FAILED, DeltaStatus.REJECTED)) or (
         claim.status is ClaimedStatus.FAILED and ours is DeltaStatus.VERIFIED
@@ -144,7 +144,7 @@ def _status_findings(delta: LocalDelta, claim: DeltaClaim) -> list[Finding]:
     ]
 
 
-def _proof_findings(delta: LocalDelta, claim: DeltaClaim) -> list[Finding]:
+def _proof_findings(delta: AnyDelta, claim: DeltaClaim) -> list[Finding]:
     findings = []
     # the proof hash must be the receipt id we were given when we emitted
     for name, theirs in (("receiptId", claim.receipt_id), ("itemsRoot", claim.items_root)):
@@ -205,7 +205,7 @@ def _root_findings(item_hashes: tuple[str, ...], receipt_id: str) -> list[Findin
     ]
 
 
-def _chain_findings(delta: LocalDelta, claim: DeltaClaim, chain: ChainNeighbours) -> list[Finding]:
+def _chain_findings(delta: AnyDelta, claim: DeltaClaim, chain: ChainNeighbours) -> list[Finding]:
     findings = []
     previous = chain.previous
     if claim.previous_proof_hash is not None and previous is not None and previous.receipt_id is not None:

@@ -28,8 +28,9 @@ from reconciler.errors import PacSpaceError
 from reconciler.events import MAX_SEQUENCE
 from reconciler.give_way import GiveWay
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
+from storage.delta_row import AnyDelta
 from storage.errors import DATABASE_TROUBLE, StorageUnavailable
-from storage.models import Discrepancy, LocalDelta, ReconciliationRun
+from storage.models import Discrepancy, ReconciliationRun
 from storage.page_session import PageSession
 from storage.pass_lock import Held, exclusive
 from storage.session import LedgerSession
@@ -403,13 +404,13 @@ def _next_page(
 ) -> tuple[set[str], list[tuple[Any, ...]]]:
     """The anchors of `answers` a later page still has, and the next page: (id, anchor, emitted_at)."""
     kept = session.unsettled_anchors(answers, cutoff, after) if after is not None else set(answers)
-    return kept, [(d.id, d.anchor_id, d.emitted_at) for d in session.unsettled_deltas(cutoff, after, limit)]
+    return kept, [tuple(row) for row in session.unsettled_deltas(cutoff, after, limit)]
 
 
 # -- the transactions -----------------------------------------------------------------
 
 
-def claim_from_status(data: dict[str, Any], delta: LocalDelta) -> DeltaClaim | None:
+def claim_from_status(data: dict[str, Any], delta: AnyDelta) -> DeltaClaim | None:
     """PacSpace's status answer as a claim about `delta` (for a batch anchor, about the
     entry of `deltas[]` with our item hash). None when the status word is unknown."""
     status = status_from(data.get("status"))
@@ -463,7 +464,7 @@ def _sequence(value: Any) -> str | None:
     return text if text is not None and len(text) <= MAX_SEQUENCE else None
 
 
-def _state(delta: LocalDelta) -> dict[str, Any]:
+def _state(delta: AnyDelta) -> dict[str, Any]:
     return {"status": delta.status, "anchor_id": delta.anchor_id, "receipt_id": delta.receipt_id, "verified_by": delta.verified_by}
 
 
@@ -480,10 +481,9 @@ def _apply_page(
     is rolled back and done again delta by delta, each in its own savepoint, so that an
     answer we did not foresee skips one delta, not the page."""
     open_before = session.count_open_discrepancies()
-    deltas = session.load_deltas(delta_ids)  # the page's rows in one query, held while the page is worked
     try:
         with session.savepoint():
-            result = _reconcile_together(PageSession(session, deltas), delta_ids, answers, now, stuck_cutoff, run_id)
+            result = _reconcile_together(PageSession(session, delta_ids), delta_ids, answers, now, stuck_cutoff, run_id)
     except DATABASE_TROUBLE:
         raise  # the database's, not the answers': done again delta by delta it fails again, each after a lock wait
     except Exception as exc:  # NotReadAhead, or an answer we did not foresee
@@ -581,13 +581,13 @@ def _reconcile_delta(
               {"field": "status", "ours": delta.status, "theirs": claim.status.value, "detail": f"still pending since {delta.emitted_at.isoformat()}"})
 
 
-def _proves_our_item(delta: LocalDelta, claim: DeltaClaim) -> bool:
+def _proves_our_item(delta: AnyDelta, claim: DeltaClaim) -> bool:
     """A verification is only taken from PacSpace when it names item hashes ours can be
     checked against (compare() then checks that ours is among them)."""
     return delta.item_hash is not None and bool(claim.content_hash or claim.item_hashes)
 
 
-def _not_found(session: LedgerSession, delta: LocalDelta, error: PacSpaceError, now: datetime, run_id: int | None, result: PageResult) -> None:
+def _not_found(session: LedgerSession, delta: AnyDelta, error: PacSpaceError, now: datetime, run_id: int | None, result: PageResult) -> None:
     discrepancy_id = _open(session, delta, DiscrepancyKind.NOT_FOUND_UPSTREAM, now, run_id, result,
                            {"field": "anchorId", "ours": delta.anchor_id, "detail": f"PacSpace answers {error.status} {error.code} for it"})
     submission = session.get_submission(delta.submission_id) if delta.submission_id else None
@@ -628,7 +628,7 @@ def _report_orphans(session: LedgerSession, *, cutoff: datetime, now: datetime, 
     return len(events)
 
 
-def _finding(delta: LocalDelta, kind: DiscrepancyKind, run_id: int | None, evidence: dict[str, Any]) -> dict[str, Any]:
+def _finding(delta: AnyDelta, kind: DiscrepancyKind, run_id: int | None, evidence: dict[str, Any]) -> dict[str, Any]:
     """A discrepancy about `delta`, as column values (cheaper than a model, thousands a pass)."""
     return {
         "kind": kind.value,
@@ -642,13 +642,13 @@ def _finding(delta: LocalDelta, kind: DiscrepancyKind, run_id: int | None, evide
     }
 
 
-def _open(session: LedgerSession, delta: LocalDelta, kind: DiscrepancyKind, now: datetime, run_id: int | None,
+def _open(session: LedgerSession, delta: AnyDelta, kind: DiscrepancyKind, now: datetime, run_id: int | None,
           result: PageResult, evidence: dict[str, Any]) -> int:
     result.found[kind.value] += 1
     return session.open_discrepancy(_finding(delta, kind, run_id, evidence), now)
 
 
-def _audit(session: LedgerSession, action: str, delta: LocalDelta, before: dict[str, Any], run_id: int | None,
+def _audit(session: LedgerSession, action: str, delta: AnyDelta, before: dict[str, Any], run_id: int | None,
            now: datetime, discrepancy_id: int | None) -> None:
     session.add_audit({"at": now, "actor": ACTOR, "action": action, "run_id": run_id, "delta_id": delta.id,
                        "discrepancy_id": discrepancy_id, "before": before, "after": _state(delta)})

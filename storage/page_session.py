@@ -8,7 +8,8 @@ from typing import Any
 
 from sqlalchemy import bindparam, insert, update
 
-from storage.models import AuditEntry, Discrepancy, LocalDelta
+from storage.delta_row import DeltaRow, DeltaRows
+from storage.models import AuditEntry, Discrepancy
 from storage.session import LedgerSession, discrepancy_row, fixed_row
 from storage.vocabulary import DiscrepancyStatus
 
@@ -26,29 +27,33 @@ class NotReadAhead(Exception):
 
 
 class PageSession(LedgerSession):
-    """A `LedgerSession` over a page of deltas (attached to the same transaction) that
-    answers as one would, delta after delta, while it holds its writes of discrepancies
-    and audit entries back and sends them all in `write()`: a few statements a page
-    instead of a few a delta. Deltas themselves change as attached rows, as always.
+    """A `LedgerSession` over a page of deltas (in the same transaction) that answers as
+    one would, delta after delta, while it holds its writes back and sends them all in
+    `write()`: a few statements a page instead of a few a delta. The deltas it gives
+    are `DeltaRow`s, not ORM rows, one object per delta; their changes are written in
+    `write()` too.
 
-    Reads it serves from `read_ahead` instead of a query each: `delta_by_sequence`, and
-    the open discrepancies `resolve_open` and `occurrences` need. Asked for anything it
-    did not read ahead, or for an order of writes it cannot keep (resolving a finding
-    opened in the same page), it raises `NotReadAhead` and writes nothing; the caller
-    then rolls the page back and runs it on a `LedgerSession`.
+    Reads it serves from what it read ahead instead of a query each: `get_delta` (the
+    page's deltas), `delta_by_sequence`, and the open discrepancies `resolve_open` and
+    `occurrences` need. Asked for anything it did not read ahead, or for an order of
+    writes it cannot keep (resolving a finding opened in the same page), it raises
+    `NotReadAhead` and writes nothing; the caller then rolls the page back and runs it
+    on a `LedgerSession`.
 
     The ids `open_discrepancy` and `record_fixed` return are placeholders (negative)
     that only this session's `occurrences` and `add_audit` take; `write()` turns them
     into the rows' ids.
     """
 
-    def __init__(self, session: LedgerSession, deltas: Sequence[LocalDelta]) -> None:
+    def __init__(self, session: LedgerSession, delta_ids: Sequence[int]) -> None:
         super().__init__(session._session)
-        self.deltas = list(deltas)  # held: the transaction's identity map keeps rows only while they are referenced
-        self._of_customer: dict[str, list[LocalDelta]] = {}
+        self._delta_rows = DeltaRows(self._session)
+        self._page_ids = frozenset(delta_ids)
+        self.deltas = self._delta_rows.by_ids(delta_ids)
+        self._of_customer: dict[str, list[DeltaRow]] = {}
         for delta in self.deltas:
             self._of_customer.setdefault(delta.customer_id, []).append(delta)
-        self._by_sequence: dict[tuple[str, str], list[LocalDelta]] = {}
+        self._by_sequence: dict[tuple[str, str], list[DeltaRow]] = {}
         self._open: dict[tuple[str, str], Discrepancy | None] = {}  # read ahead: (kind, subject) -> the open row
         self._rows: list[dict[str, Any]] = []  # discrepancy rows to write, in the order they were opened
         self._row_of: dict[tuple[str, str, str], int] = {}  # (kind, subject, status) -> index in _rows
@@ -60,7 +65,7 @@ class PageSession(LedgerSession):
         and the open discrepancies of `kinds` about `subjects`."""
         keys = set(sequences)
         self._by_sequence = {key: [] for key in keys}
-        for delta in self.deltas_by_sequences(sorted(keys)):
+        for delta in self._delta_rows.at_sequences(keys):
             self._by_sequence[(delta.customer_id, delta.sequence_number or "")].append(delta)
         self._open = {(kind, subject): None for kind in kinds for subject in subjects}
         if kinds and subjects:
@@ -68,7 +73,12 @@ class PageSession(LedgerSession):
 
     # -- reads served from the read-ahead ------------------------------------------
 
-    def delta_by_sequence(self, customer_id: str, sequence_number: str) -> LocalDelta | None:
+    def get_delta(self, delta_id: int) -> DeltaRow | None:  # type: ignore[override]
+        if delta_id not in self._page_ids:
+            raise NotReadAhead(f"get_delta({delta_id})")
+        return self._delta_rows.get(delta_id)
+
+    def delta_by_sequence(self, customer_id: str, sequence_number: str) -> DeltaRow | None:  # type: ignore[override]
         if (customer_id, sequence_number) not in self._by_sequence:
             raise NotReadAhead(f"delta_by_sequence({customer_id!r}, {sequence_number!r})")
         # as stored before the page, plus the page's deltas that took that number since
@@ -86,6 +96,9 @@ class PageSession(LedgerSession):
             raise NotReadAhead(f"occurrences of {key}")
         before = self._open[key]
         return (before.occurrences if before is not None else 0) + int(row["occurrences"])
+
+    def deltas_of_submission(self, submission_id: int) -> list[DeltaRow]:  # type: ignore[override]
+        return self._delta_rows.of_submission(submission_id)  # rare (a resend): a query, but the page's objects
 
     # -- writes held back until write() ----------------------------------------------
 
@@ -129,7 +142,8 @@ class PageSession(LedgerSession):
 
     def write(self) -> None:
         """Send what the page held back: resolutions, then discrepancies (one multi-row
-        upsert, in the order they were found), then audit entries, then the deltas."""
+        upsert, in the order they were found), then audit entries, then the deltas'
+        changes, then whatever ORM row changed (a submission to send again)."""
         if self._resolves:
             self._session.execute(_RESOLVE, self._resolves)
         ids: list[int] = []
@@ -142,5 +156,6 @@ class PageSession(LedgerSession):
                     row["discrepancy_id"] = ids[-row["discrepancy_id"] - 1]
             # an executemany (one prepared statement, pipelined): as arrays it measured no faster
             self._session.execute(insert(AuditEntry.__table__), self._audits)
+        self._delta_rows.write()
         self._session.flush()
         self._rows, self._row_of, self._resolves, self._audits = [], {}, [], []

@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, Column, Integer, Table, and_, bindparam, func, literal, or_, select, text, update
+from sqlalchemy import JSON, Column, Integer, Row, String, Table, bindparam, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -120,28 +120,6 @@ def discrepancy_row(finding: Discrepancy | dict[str, Any], now: datetime) -> dic
 def fixed_row(finding: Discrepancy | dict[str, Any], note: str, now: datetime) -> dict[str, Any]:
     """`finding` as a gap found and fixed at `now`: a row born resolved (what `record_fixed` inserts)."""
     return discrepancy_row(finding, now) | {"status": DiscrepancyStatus.RESOLVED.value, "resolved_at": now, "resolution_note": note[:2000]}
-
-
-_SEQUENCE_SLOTS_MAX = 512
-
-
-@functools.cache
-def _deltas_by_sequences_statement(slots: int) -> Any:
-    """Deltas at any of `slots` (customer id, sequence number) pairs, bound as c0, s0, c1, …:
-    an OR of one index seek each (a row-value IN is a full scan on SQLite). Built for
-    powers of two only, so that a few statements are compiled once and cached."""
-    return select(LocalDelta).where(
-        or_(*(and_(LocalDelta.customer_id == bindparam(f"c{n}"), LocalDelta.sequence_number == bindparam(f"s{n}")) for n in range(slots)))
-    )
-
-
-# PostgreSQL: a join with the pairs given as two arrays, one index seek per pair
-_DELTAS_AT_SEQUENCES = select(LocalDelta).from_statement(
-    text(
-        "SELECT local_delta.* FROM unnest(CAST(:customers AS text[]), CAST(:numbers AS text[])) AS wanted(customer_id, sequence_number)"
-        " JOIN local_delta ON local_delta.customer_id = wanted.customer_id AND local_delta.sequence_number = wanted.sequence_number"
-    )
-)
 
 
 # built once: every webhook looks its deltas up, and a reused statement keeps its cache key
@@ -266,32 +244,16 @@ class LedgerSession:
         return list(self._session.scalars(_DELTAS_BY["receipt_id"], {"value": receipt_id}))
 
     def delta_by_sequence(self, customer_id: str, sequence_number: str) -> LocalDelta | None:
-        # the lowest id when several share it, as `deltas_by_sequences` gives the page path
+        # the lowest id when several share it, as the page path takes it (storage.page_session)
         statement = select(LocalDelta).where(
             LocalDelta.customer_id == customer_id, LocalDelta.sequence_number == sequence_number
         ).order_by(LocalDelta.id)
         return self._session.scalars(statement.limit(1)).first()
 
-    def deltas_by_sequences(self, keys: Sequence[tuple[str, str]]) -> list[LocalDelta]:
-        """Every delta whose (customer id, sequence number) is one of `keys`, each key one
-        seek in `ix_local_delta_customer_sequence`: on SQLite one query per 512 keys, on
-        PostgreSQL one query."""
-        keys = sorted(set(keys))
-        if self._dialect == "postgresql":  # one array each: a fixed text (see _open_discrepancies_from_arrays)
-            customers, numbers = [customer for customer, _ in keys], [number for _, number in keys]
-            return list(self._session.scalars(_DELTAS_AT_SEQUENCES, {"customers": customers, "numbers": numbers}))
-        found: list[LocalDelta] = []
-        for start in range(0, len(keys), _SEQUENCE_SLOTS_MAX):
-            chunk = keys[start : start + _SEQUENCE_SLOTS_MAX]
-            slots = 1 << (len(chunk) - 1).bit_length()
-            chunk += chunk[-1:] * (slots - len(chunk))  # a repeated key finds nothing more
-            values = {f"c{n}": customer for n, (customer, _) in enumerate(chunk)} | {f"s{n}": number for n, (_, number) in enumerate(chunk)}
-            found += self._session.scalars(_deltas_by_sequences_statement(slots), values)
-        return found
-
-    def unsettled_deltas(self, emitted_before: datetime, after: tuple[datetime, int] | None, limit: int) -> list[LocalDelta]:
+    def unsettled_deltas(self, emitted_before: datetime, after: tuple[datetime, int] | None, limit: int) -> list[Row[Any]]:
         """One page of QUEUED/PROCESSING deltas emitted before `emitted_before`, oldest
-        first, after the keyset `(emitted_at, id)` of the previous page's last row.
+        first, after the keyset `(emitted_at, id)` of the previous page's last row, as
+        rows of (id, anchor_id, emitted_at): what a page needs to be read again and looked up.
 
         Served by the partial index `ix_local_delta_unsettled`: its cost follows the
         number of unsettled deltas, not the size of the ledger. Written as SQL so that
@@ -301,14 +263,15 @@ class LedgerSession:
         hint = " INDEXED BY ix_local_delta_unsettled" if self._dialect == "sqlite" else ""
         keyset = " AND (emitted_at, id) > (:after_at, :after_id)" if after is not None else ""
         statement = text(
-            f"SELECT * FROM local_delta{hint} WHERE {UNSETTLED_PREDICATE.text}"
+            f"SELECT id, anchor_id, emitted_at FROM local_delta{hint} WHERE {UNSETTLED_PREDICATE.text}"
             f" AND emitted_at < :before{keyset} ORDER BY emitted_at, id LIMIT :limit"
         ).bindparams(bindparam("before", type_=UtcDateTime()), bindparam("limit", type_=Integer()))
+        statement = statement.columns(id=Integer(), anchor_id=String(), emitted_at=UtcDateTime())
         values: dict[str, Any] = {"before": emitted_before, "limit": limit}
         if after is not None:
             statement = statement.bindparams(bindparam("after_at", type_=UtcDateTime()), bindparam("after_id", type_=Integer()))
             values.update(after_at=after[0], after_id=after[1])
-        return list(self._session.scalars(select(LocalDelta).from_statement(statement), values))
+        return list(self._session.execute(statement, values))
 
     def unsettled_anchors(self, anchors: Sequence[str], emitted_before: datetime, after: tuple[datetime, int]) -> set[str]:
         """Which of `anchors` a later page of `unsettled_deltas` (after the keyset `after`)

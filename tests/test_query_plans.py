@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
 
+from storage.delta_row import DeltaRows
 from storage.models import Discrepancy, LocalDelta, WebhookEvent
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
@@ -26,13 +27,15 @@ def plan(ledger: SqlLedger, build: Any) -> str:
 
     def work(session: LedgerSession) -> str:
         inner = session._session
-        original = inner.scalars
 
-        def capture(statement: Any, *args: Any, **kwargs: Any) -> Any:
-            captured.append((statement, args[0] if args else {}))
-            return original(statement, *args, **kwargs)
+        def capturing(original: Any) -> Any:
+            def capture(statement: Any, *args: Any, **kwargs: Any) -> Any:
+                captured.append((statement, args[0] if args else {}))
+                return original(statement, *args, **kwargs)
 
-        inner.scalars = capture  # type: ignore[method-assign]
+            return capture
+
+        inner.scalars, inner.execute = capturing(inner.scalars), capturing(inner.execute)  # type: ignore[method-assign]
         build(session)
         statement, given = captured[-1]
         dialect = sqlite.dialect() if ledger.dialect == "sqlite" else postgresql.dialect()
@@ -140,7 +143,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         (lambda s: s.delta_by_sequence("cust_7", "7"), "ix_local_delta_customer_sequence"),
         (lambda s: s.resolve_open(["stuck", "unverifiable"], "delta:7", "cleared", NOW), "ux_discrepancy_open_subject"),
         (lambda s: s.unsettled_anchors([f"a_{n}" for n in range(0, 20_000, 100)], NOW, (NOW, 5)), "ux_local_delta_anchor_item|ix_local_delta_unsettled"),
-        (lambda s: s.deltas_by_sequences([("cust_7", "7"), ("cust_8", "9"), ("cust_9", "9")]), "ix_local_delta_customer_sequence"),
+        (lambda s: DeltaRows(s._session).at_sequences([("cust_7", "7"), ("cust_8", "9"), ("cust_9", "9")]), "ix_local_delta_customer_sequence"),
         (lambda s: s.open_discrepancies_about(["stuck", "unverifiable"], [f"delta:{n}" for n in range(200)]), "ux_discrepancy_open_subject"),
     ],
 )

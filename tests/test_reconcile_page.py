@@ -239,3 +239,68 @@ def test_each_anchor_is_looked_up_once_though_its_deltas_are_pages_apart(ledger:
     summary = asyncio.run(go())
     assert sorted(a for a in asked if a.startswith("a_")) == ["a_batch", "a_x1", "a_x2", "a_x3"]
     assert summary.looked_up == 4 and summary.checked == 5 and summary.fixed == 2
+
+
+def _answer(name: str) -> dict[str, Any]:
+    data = verified(name)
+    return {f"a_{name}": StatusAnswer(f"a_{name}", status_from(data["status"]), "?", data)}
+
+
+def test_a_page_and_orm_work_in_one_transaction_see_each_others_changes(ledger: SqlLedger) -> None:
+    """The writer runs several works in one transaction (a group commit): a page, whose deltas
+    are not ORM rows, reads what ORM work before it changed and not yet flushed, and ORM
+    work after it reads what the page wrote, not a copy held from before."""
+    ids = ledger.transact_sync(lambda s: [s.add_delta(delta(name)).id for name in ("early", "page")])
+    early, in_page = ids
+
+    def work(s: LedgerSession) -> tuple[Any, ...]:
+        held = s.get_delta(in_page)  # an ORM copy, read before the page
+        settled_early = s.get_delta(early)
+        assert held is not None and held.status == "QUEUED" and settled_early is not None
+        settled_early.status = "VERIFIED"  # as a webhook would have, not flushed yet
+        result = reconcile._apply_page(s, delta_ids=ids, answers=_answer("early") | _answer("page"), now=NOW,
+                                       stuck_cutoff=STUCK_CUTOFF, run_id=RUN_ID)
+        after = s.get_delta(in_page)
+        assert after is held  # the same ORM object, read again
+        return result.fixed, (after.status, after.verified_by, after.tx_hash), s.get_delta(early).verified_by  # type: ignore[union-attr]
+
+    fixed, page_delta, early_by = ledger.transact_sync(work)
+
+    assert fixed == 1  # "early" was settled before the page: only "page" was fixed
+    assert page_delta == ("VERIFIED", "reconciler", "0xtx_page")
+    assert early_by is None  # left as the earlier work left it
+    stored = ledger.read_sync(lambda s: [(d.status, d.verified_by) for d in map(s.get_delta, ids)])  # type: ignore[union-attr]
+    assert stored == [("VERIFIED", None), ("VERIFIED", "reconciler")]
+
+
+def test_delta_rows_write_only_what_changed_and_refuse_a_row_gone(ledger: SqlLedger) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.delta_row import DeltaRows
+    from storage.errors import StorageError
+
+    ids = ledger.transact_sync(lambda s: [s.add_delta(delta(name)).id for name in ("one", "two")])
+
+    def work(s: LedgerSession) -> tuple[int, int]:
+        rows = DeltaRows(s._session)
+        one, two = rows.by_ids(ids)
+        assert rows.by_ids(ids[:1])[0] is one  # one object per delta in a transaction
+        one.item_hashes = list(one.item_hashes or [])  # an equal value: no change
+        two.status, two.verification_lag_ms = "FAILED", 7
+        assert (one.changes(), two.changes()) == ({}, {"status": "FAILED", "verification_lag_ms": 7})
+        written = rows.write()
+        return written, rows.write()  # nothing is left to write the second time
+
+    assert ledger.transact_sync(work) == (1, 0)
+    stored = ledger.read_sync(lambda s: [(d.status, d.verification_lag_ms, d.updated_at) for d in map(s.get_delta, ids)])  # type: ignore[union-attr]
+    assert stored == [("QUEUED", None, OLD), ("FAILED", 7, OLD)]
+
+    def gone(s: LedgerSession) -> None:
+        rows = DeltaRows(s._session)
+        (two,) = rows.by_ids(ids[1:])
+        s._session.execute(text("DELETE FROM local_delta WHERE id = :id"), {"id": ids[1]})
+        two.status = "VERIFIED"
+        rows.write()
+
+    with pytest.raises((StorageError, SQLAlchemyError), match="1 deltas to update, 0 found"):
+        ledger.transact_sync(gone)

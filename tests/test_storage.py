@@ -18,6 +18,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
 
+from storage.delta_row import DeltaRows
 from storage.engine import make_engine
 from storage.errors import AmountOutOfRange, SchemaNotCurrent, StorageUnavailable
 from storage.models import Discrepancy, LocalDelta, WebhookEvent
@@ -489,7 +490,7 @@ def test_unsettled_deltas_page_through_every_stale_one_once_in_order(ledger: Sql
 
 
 def test_a_sequence_number_shared_by_several_deltas_names_the_lowest_id(ledger: SqlLedger) -> None:
-    """As the page path's `deltas_by_sequences` does; on PostgreSQL index order is heap order,
+    """As the page path's `DeltaRows.at_sequences` does; on PostgreSQL index order is heap order,
     and the updated first delta now sits behind the second."""
     from tests.test_apply import local, register
 
@@ -503,4 +504,5 @@ def test_a_sequence_number_shared_by_several_deltas_names_the_lowest_id(ledger: 
     ledger.transact_sync(give_first_the_same)
     found = ledger.read_sync(lambda s: s.delta_by_sequence("cust_1", "5"))
     assert found is not None and found.id == first < second
-    assert sorted(d.id for d in ledger.read_sync(lambda s: s.deltas_by_sequences([("cust_1", "5")]))) == [first, second]
+    at_five = ledger.read_sync(lambda s: DeltaRows(s._session).at_sequences([("cust_1", "5")]))
+    assert sorted(d.id for d in at_five) == [first, second]
