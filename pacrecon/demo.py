@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -183,12 +184,24 @@ def _body(value: Any) -> bytes:
     return jsonio.dumps_bytes(value)
 
 
+_stop_asked = threading.Event()
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: through the clean-up
+    _stop_asked.set()
+    raise KeyboardInterrupt  # Ctrl-C and SIGTERM stop the demo through the clean-up
+
+
+def _stop_if_asked() -> None:
+    """Raised in a finalizer that happened to run (a socket's, say), a KeyboardInterrupt is
+    swallowed ("Exception ignored in"): each step asks again."""
+    if _stop_asked.is_set():
+        raise KeyboardInterrupt
 
 
 def run_demo(seed: int, singles: int, batches: int, out: TextIO, workdir: Path, keep: bool) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     rng = random.Random(seed)
     progress = Progress(out)
     stack = Stack(workdir=workdir, seed=seed)
@@ -209,6 +222,7 @@ def run_demo(seed: int, singles: int, batches: int, out: TextIO, workdir: Path, 
 
         def emit(payload: dict[str, Any], fault: str | None = None) -> None:
             nonlocal emitted
+            _stop_if_asked()
             if fault:  # this fault alone, for this delta alone: settled and delivered at once
                 upstream.put("/_sandbox/faults", json={fault: 1}).raise_for_status()
             answer = api.post("/v1/deltas", content=_body(payload))
@@ -229,6 +243,7 @@ def run_demo(seed: int, singles: int, batches: int, out: TextIO, workdir: Path, 
                 upstream.put("/_sandbox/faults", json=BACKGROUND_FAULTS).raise_for_status()
             emit(_delta(rng, amounts[n], n))
         for b in range(batches):
+            _stop_if_asked()
             items = [_delta(rng, amounts[singles + 100 * b + i], singles + 100 * b + i) for i in range(100)]
             answer = api.post("/v1/deltas/batch", content=_body({"deltas": items}))
             if answer.status_code not in (200, 202):
@@ -276,6 +291,7 @@ def run_demo(seed: int, singles: int, batches: int, out: TextIO, workdir: Path, 
             )
             out.flush()
             while all(p.poll() is None for p in stack.processes):
+                _stop_if_asked()
                 time.sleep(0.5)
         return 0
     except httpx.HTTPError as exc:
@@ -296,6 +312,7 @@ def _wait_until_quiet(ledger: SqlLedger, timeout: float) -> None:
     """Until the unsettled count has not moved for two seconds (or `timeout`)."""
     deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
     while time.monotonic() < deadline:
+        _stop_if_asked()
         now_unsettled = _unsettled(ledger)
         if now_unsettled == 0:
             return
@@ -313,6 +330,7 @@ def _reconcile(admin: httpx.Client) -> dict[str, Any]:
     href = started.json()["href"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        _stop_if_asked()
         run = admin.get(href).json()
         if run["status"] != "running":
             return dict(run)

@@ -96,7 +96,7 @@ class PageResult:
     fixed: int = 0
     found: Counter[str] = field(default_factory=Counter)
     errors: int = 0
-    opened: int = 0  # open discrepancies after the page minus before (what a dry run would leave open)
+    opened: int = 0  # open discrepancies after the page minus before, when counted (what a dry run would leave open)
 
 
 class Throttle:
@@ -187,7 +187,7 @@ class Reconciler:
         now = summary.started_at or self._now()
         give_way = GiveWay(self.foreground_busy, self.yield_share, self.sleep, self.monotonic)
         try:
-            base_open = await self.ledger.read(lambda s: s.count_open_discrepancies())
+            base_open = await self.ledger.read(lambda s: s.count_open_discrepancies()) if summary.dry_run else 0
             if not summary.dry_run:
                 summary.run_id = await self.ledger.transact(
                     lambda s: s.add_run(ReconciliationRun(status=RunStatus.RUNNING.value, started_at=now))
@@ -262,6 +262,7 @@ class Reconciler:
                     now=now,
                     stuck_cutoff=stuck_cutoff,
                     run_id=summary.run_id,
+                    count_opened=summary.dry_run,  # a pass that commits counts the open ones once, at its end
                 )
                 opened += await writing.counted()
                 await give_way()
@@ -476,11 +477,13 @@ def _apply_page(
     now: datetime,
     stuck_cutoff: datetime,
     run_id: int | None,
+    count_opened: bool = False,
 ) -> PageResult:
     """Reconcile a page of deltas, all together in one savepoint; if that raises, the page
     is rolled back and done again delta by delta, each in its own savepoint, so that an
-    answer we did not foresee skips one delta, not the page."""
-    open_before = session.count_open_discrepancies()
+    answer we did not foresee skips one delta, not the page. `count_opened`: count the
+    open discrepancies before and after (two reads of every open one: a dry run only)."""
+    open_before = session.count_open_discrepancies() if count_opened else 0
     try:
         with session.savepoint():
             result = _reconcile_together(PageSession(session, delta_ids), delta_ids, answers, now, stuck_cutoff, run_id)
@@ -489,7 +492,9 @@ def _apply_page(
     except Exception as exc:  # NotReadAhead, or an answer we did not foresee
         log.warning("reconcile_page_redone", deltas=len(delta_ids), error=f"{type(exc).__name__}: {exc}"[:500])
         result = _reconcile_one_by_one(session, delta_ids, answers, now, stuck_cutoff, run_id)
-    result.checked, result.opened = len(delta_ids), session.count_open_discrepancies() - open_before
+    result.checked = len(delta_ids)
+    if count_opened:
+        result.opened = session.count_open_discrepancies() - open_before
     return result
 
 

@@ -100,6 +100,12 @@ class PageSession(LedgerSession):
     def deltas_of_submission(self, submission_id: int) -> list[DeltaRow]:  # type: ignore[override]
         return self._delta_rows.of_submission(submission_id)  # rare (a resend): a query, but the page's objects
 
+    def _orm_deltas(self, *args: Any, **kwargs: Any) -> Any:
+        # an ORM copy of a delta this page holds as a DeltaRow would be read stale and written twice
+        raise NotReadAhead("deltas as ORM rows, in a page whose deltas are DeltaRows")
+
+    load_deltas = deltas_by_anchor = deltas_by_item_hash = deltas_by_receipt = list_deltas = add_delta = _orm_deltas  # type: ignore[assignment]
+
     # -- writes held back until write() ----------------------------------------------
 
     def open_discrepancy(self, finding: Discrepancy | dict[str, Any], now: datetime) -> int:
