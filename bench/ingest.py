@@ -6,10 +6,14 @@ In one run, on loopback, with the same load generators and the same signed bodie
   (c) `pacrecon serve` on PostgreSQL (synchronous_commit=on), in a database of its own
       created on PACRECON_BENCH_DATABASE_URL's server and dropped at the end.
 Peak: wrk (closed loop, one thread, CONNECTIONS connections) for ROUNDS rounds, the targets
-interleaved within each round; medians are reported. Then a fixed-rate open-loop run
-(bench/openloop.c, built with gcc into the run's work directory and run as its own process)
-at 80 % of each daemon's median peak, and of the SQLite rate against the bare app to show the
-generator keeps up; each open-loop run also reports the generator's own CPU per request.
+interleaved within each round; medians are reported. In each round, right after the peaks, a
+fixed-rate open-loop run (bench/openloop.c, built with gcc into the run's work directory and
+run as its own process) drives each daemon at 80 % of the peak it reached in that round: this
+host's speed drifts by 2x within minutes, and 80 % of a peak measured minutes earlier can be
+more than the daemon can do by then. The p99 target is read as the median of those rounds.
+After the rounds, one open-loop run at 80 % of each daemon's median peak, and of the SQLite
+rate against the bare app to show the generator keeps up; each open-loop run also reports the
+generator's own CPU per request.
 With --process-writer-too, each backend has a second daemon with PACRECON_WEBHOOK_WRITER=process
 (`<backend>_process`), driven the same way, and also open-loop at its thread twin's rate
 (`<backend>_process_at_thread_rate`): the two writers at one rate. Each wrk run reports the CPU
@@ -255,6 +259,7 @@ def main() -> None:
 
         next_id = 0
         peaks: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+        round_openloop: dict[str, list[dict[str, float]]] = {t: [] for t in daemons}
         # warm-up: imports, connection pools, the first pages of the database files
         bodies = work / "bodies.tsv"
         write_bodies(bodies, next_id, WARMUP_BODIES)
@@ -273,6 +278,15 @@ def main() -> None:
                 result["cpu_us_per_request"] = cpu_per_request(before, pid, result["requests"])
                 peaks[target].append(result)
                 print(json.dumps({"round": round_, "target": target, **{k: result[k] for k in ("rps", "p50_us", "p99_us", "ok2xx", "other", "unanswered", "cpu_us_per_request")}}), flush=True)
+            for target in daemons:  # each at 80 % of the peak it reached a moment ago
+                rate = 0.8 * peaks[target][-1]["rps"]
+                count = int(rate * args.openloop_seconds) + 1
+                write_bodies(bodies, next_id, count)
+                next_id += count
+                result = run_openloop(generator, targets[target][1], bodies, rate, args.openloop_seconds)
+                result["loadavg"] = os.getloadavg()[0]
+                round_openloop[target].append(result)
+                print(json.dumps({"round": round_, "openloop_at_80_percent_of_this_round": target, **result}), flush=True)
 
         summary: dict[str, dict[str, float]] = {}
         for target, runs in peaks.items():
@@ -289,6 +303,15 @@ def main() -> None:
             ratios = [b["rps"] / a["rps"] for a, b in zip(peaks["bare"], peaks[backend])]
             summary[backend]["ratio_per_round"] = [round(r, 3) for r in ratios]
             summary[backend]["ratio_median"] = statistics.median(ratios)
+            runs = round_openloop[backend]
+            summary[backend]["openloop_80_percent_of_round_peak"] = {
+                "rate_per_round": [round(r["offered_rate"]) for r in runs],
+                "p99_ms_per_round": [r["p99_ms"] for r in runs],
+                "p99_ms_median": statistics.median(r["p99_ms"] for r in runs),
+                "max_ms_per_round": [r["max_ms"] for r in runs],
+                "generator_lag_p99_ms_max": max(r["generator_lag_p99_ms"] for r in runs),
+                "non_2xx": sum(r["sent"] - r["ok2xx"] for r in runs),
+            }
 
         # open loop at 80 % of each daemon's median peak; the bare app at the SQLite rate checks the generator
         openloop: dict[str, dict[str, float]] = {}
@@ -319,10 +342,11 @@ def main() -> None:
             daemon.process.kill()
             daemon.process.wait()
             runs = peaks[backend]
+            runs = runs + round_openloop[backend]  # the rounds' open-loop runs answered too
             acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs) + openloop[backend]["ok2xx"] + extra.get(backend, 0)
             recorded = (warm[backend]["recorded"] + sum(r["recorded"] for r in runs) + openloop[backend]["recorded"]
                         + extra.get(f"{backend}:recorded", 0))
-            unanswered = warm[backend]["unanswered"] + sum(r["unanswered"] for r in runs)
+            unanswered = warm[backend]["unanswered"] + sum(r["unanswered"] for r in peaks[backend])
             rows = count_rows(databases[backend])
             durability[backend] = {"acknowledged_2xx": acknowledged, "recorded_answers": recorded, "rows": rows, "unanswered_at_wrk_cutoff": unanswered}
             ok = recorded == acknowledged and acknowledged <= rows <= acknowledged + unanswered

@@ -5,9 +5,12 @@ script and bodies as bench/ingest.py, and samples it with py-spy (`pip install p
 counting only the thread that holds the GIL: with one GIL, that is the CPU the process
 can use, so the shares below add up to where each request's time goes.
 
-  flock /tmp/bench.lock .venv/bin/python bench/profile_ingest.py [DATABASE_URL] [--webhook-writer process [--sample writer]]
+  flock /tmp/bench.lock .venv/bin/python bench/profile_ingest.py [DATABASE_URL] [--webhook-writer process [--sample writer]] [--rate R]
 
 `--sample writer` samples the writer process instead of the daemon's own process.
+`--rate R` drives the daemon with the open-loop generator (bench/openloop.c) at R requests/s
+instead of wrk's closed loop: the load of the p99 target at 80 % of peak, where fewer requests
+arrive in each turn of the event loop than under wrk's 64 busy connections.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest import create_pg_database, drop_pg_database, run_wrk, write_bodies  # noqa: E402
+from ingest import build_openloop, create_pg_database, drop_pg_database, run_openloop, run_wrk, write_bodies  # noqa: E402
 from storage.engine import make_engine  # noqa: E402
 from storage.schema import upgrade_to_head  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--webhook-writer", choices=["thread", "process"], default="thread", help="PACRECON_WEBHOOK_WRITER")
     parser.add_argument("--sample", choices=["daemon", "writer"], default="daemon",
                         help="the process to sample: the daemon's own, or (with --webhook-writer process) its writer process")
+    parser.add_argument("--rate", type=float, help="open loop at this many requests/s (bench/openloop.c) instead of wrk")
     args = parser.parse_args()
     if args.sample == "writer" and args.webhook_writer != "process":
         parser.error("--sample writer needs --webhook-writer process")
@@ -75,6 +79,7 @@ def main() -> None:
             engine.dispose()
         elif url.startswith("postgres"):
             admin, (pg_name, url) = url, create_pg_database(url)
+        generator = None if args.rate is None else build_openloop(work)  # built before sampling starts
         daemon = Daemon(url, work, PACRECON_WEBHOOK_WRITER=args.webhook_writer).start()
         bodies = work / "bodies.tsv"
         write_bodies(bodies, 0, 200_000)  # more than the fastest daemon takes in the time
@@ -88,7 +93,11 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
-        result = run_wrk(daemon.url, bodies, SECONDS - 1)
+        if generator is None:
+            result = run_wrk(daemon.url, bodies, SECONDS - 1)
+        else:
+            opened = run_openloop(generator, daemon.port, bodies, args.rate, SECONDS - 1)
+            result = {"rps": opened["ok2xx"] / opened["elapsed_s"], "p50_us": opened["p50_ms"] * 1000, "p99_us": opened["p99_ms"] * 1000}
         spy.wait()
         daemon.stop()
         totals: collections.Counter[str] = collections.Counter()
