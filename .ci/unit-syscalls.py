@@ -2,9 +2,10 @@
 
 The unit's seccomp filter answers a system call it does not allow with EPERM
 (`SystemCallErrorNumber=EPERM`): nothing crashes, something fails later, under systemd
-only. So the daemon runs here under strace, as the unit runs it (a SQLite ledger, the
-webhook writer process, PacSpace reachable: the sandbox), through what it does in
-production: start, webhooks through the writer process, a delta emitted to PacSpace, a
+only. So the daemon runs here under strace, as the unit runs it (the webhook writer process,
+PacSpace reachable: the sandbox), once on a SQLite ledger and once on PostgreSQL when
+PACRECON_TEST_DATABASE_URL names a server (as .ci/run sets it; libpq's calls and sockets
+are then traced too), through what it does in production: start, webhooks through the writer process, a delta emitted to PacSpace, a
 reconciliation pass, the report, metrics, a stop by SIGTERM. Then every system call it and
 its writer process made is checked against the unit's SystemCallFilter= lines (expanded by
 `systemd-analyze syscall-filter`, with the calls systemd always allows), every socket
@@ -24,14 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
 
-from tests.conftest import migrated_sqlite_url  # noqa: E402
+from tests.conftest import POSTGRES_ENV, migrated_sqlite_url, postgres_database  # noqa: E402
 from tests.daemon import SANDBOX_KEY, SandboxProcess, clean_environment, free_port  # noqa: E402
 from tests.webhooks import TEST_SECRET, envelope, sign  # noqa: E402
 
@@ -104,14 +108,12 @@ def exercise(url: str, api: str) -> None:
             assert http.get(path, headers=admin).status_code == 200, path
 
 
-def main() -> int:
-    trace_dir = Path(sys.argv[1])
-    trace_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pacrecon-syscalls-"))
-    sandbox = SandboxProcess(work, "--seed", "5", "--verify-delay", "0.2").start()
+def run_traced(database_url: str, sandbox: SandboxProcess, work: Path, trace_dir: Path) -> tuple[int, Path]:
+    """`pacrecon serve` on `database_url` under strace, through `exercise`, then SIGTERM:
+    its exit code and the trace."""
     port = free_port()
     env = clean_environment(
-        PACRECON_DATABASE_URL=migrated_sqlite_url(work / "ledger.db"),
+        PACRECON_DATABASE_URL=database_url,
         PACRECON_WEBHOOK_SECRETS=TEST_SECRET,
         PACRECON_PORT=str(port),
         PACRECON_LOG_FORMAT="json",
@@ -144,13 +146,20 @@ def main() -> int:
         for pid in traced:
             os.kill(int(pid), signal.SIGTERM)
         daemon.wait(60)
-        sandbox.stop()
+        log.close()
+    return daemon.returncode, trace
+
+
+def judge(exit_code: int, trace: Path, server_port: int | None = None) -> dict[str, object]:
+    """What the trace shows against the unit's filters; "ok" says whether all is allowed
+    (and, given `server_port`, that the database's connections were traced at all)."""
     calls: dict[str, int] = {}
     families: set[str] = set()
     write_exec: list[str] = []
     root_only = 0
     last_of: dict[str, str] = {}  # each thread's previous line
-    for line in trace.read_text(errors="replace").splitlines():
+    lines = trace.read_text(errors="replace").splitlines()
+    for line in lines:
         thread = line.split(" ", 1)[0]
         previous, last_of[thread] = last_of.get(thread, ""), line
         if (match := CALL.match(line)) is not None:
@@ -162,16 +171,41 @@ def main() -> int:
             families.add(match[1])
         if WRITE_EXEC.match(line):
             write_exec.append(line[:200])
-    processes = len({line.split()[0] for line in trace.read_text(errors="replace").splitlines() if line[:1].isdigit()})
+    processes = len({line.split()[0] for line in lines if line[:1].isdigit()})
     denied = sorted(set(calls) - allowed_calls())
     allowed_families = {f for value in unit_lines("RestrictAddressFamilies") for f in value.split()}
     bad_families = sorted(families - allowed_families)
-    print(json.dumps({"exit_code": daemon.returncode, "threads_and_processes": processes, "distinct_calls": len(calls),
-                      "root_only_calls_after_geteuid_0": root_only,
-                      "denied_calls": {c: calls[c] for c in denied}, "socket_families": sorted(families),
-                      "families_not_allowed": bad_families, "write_and_execute_mappings": write_exec[:5]}, indent=1))
-    ok = daemon.returncode == 0 and not denied and not bad_families and not write_exec and "socketpair" in calls
-    return 0 if ok else 1
+    database_connects = sum(1 for line in lines if f"sin_port=htons({server_port})" in line and "connect(" in line)
+    ok = exit_code == 0 and not denied and not bad_families and not write_exec and "socketpair" in calls
+    ok = ok and (server_port is None or database_connects > 0)
+    return {"ok": ok, "exit_code": exit_code, "database_connects_traced": database_connects if server_port else None, "threads_and_processes": processes, "distinct_calls": len(calls),
+            "root_only_calls_after_geteuid_0": root_only,
+            "denied_calls": {c: calls[c] for c in denied}, "socket_families": sorted(families),
+            "families_not_allowed": bad_families, "write_and_execute_mappings": write_exec[:5]}
+
+
+def main() -> int:
+    trace_root = Path(sys.argv[1])
+    work = Path(tempfile.mkdtemp(prefix="pacrecon-syscalls-"))
+    admin_url = os.environ.get(POSTGRES_ENV)
+    results: dict[str, dict[str, object]] = {}
+    with ExitStack() as stack:
+        sandbox = SandboxProcess(work, "--seed", "5", "--verify-delay", "0.2").start()
+        stack.callback(sandbox.stop)
+        ledgers: dict[str, tuple[Callable[[], str], int | None]] = {"sqlite": (lambda: migrated_sqlite_url(work / "ledger.db"), None)}
+        if admin_url:
+            server = make_url(admin_url)
+            # over TCP its connections must show in the trace (libpq's calls traced at all)
+            port = (server.port or 5432) if not (server.host or "").startswith("/") and server.host else None
+            ledgers["postgresql"] = (lambda: stack.enter_context(postgres_database(admin_url, "pacrecon_syscalls")), port)
+        else:
+            print(f"{POSTGRES_ENV} is not set: PostgreSQL (libpq) is not traced", flush=True)
+        for name, (ledger_url, server_port) in ledgers.items():
+            trace_dir = trace_root / name
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            results[name] = judge(*run_traced(ledger_url(), sandbox, work, trace_dir), server_port=server_port)
+            print(json.dumps({name: results[name]}, indent=1), flush=True)
+    return 0 if all(result["ok"] for result in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,10 @@ def no_secret_in_any_log() -> Iterator[None]:
     assert not failures, "\n".join(failures)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A database created for this test run on the server PACRECON_TEST_DATABASE_URL
-    names, migrated to head, and dropped at the end."""
-    admin_url = os.environ.get(POSTGRES_ENV)
-    if not admin_url:
-        pytest.skip(f"{POSTGRES_ENV} is not set: no PostgreSQL server to test against")
-    name = f"pacrecon_test_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def postgres_database(admin_url: str, prefix: str = "pacrecon_test") -> Iterator[str]:
+    """A database of its own on `admin_url`'s server, migrated to head; dropped at the end."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = make_engine(admin_url).execution_options(isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
@@ -56,6 +53,17 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database created for this test run on the server PACRECON_TEST_DATABASE_URL
+    names, migrated to head, and dropped at the end."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        pytest.skip(f"{POSTGRES_ENV} is not set: no PostgreSQL server to test against")
+    with postgres_database(admin_url) as url:
+        yield url
 
 
 def empty_postgres(url: str) -> None:
