@@ -112,10 +112,11 @@ class SqlLedger:
     def _commit_batch(self, batch: list[Job]) -> None:
         jobs = [job for job in batch if job.start()]  # cancelled: nothing to do
         runs = _runs(jobs)
-        if len(runs) == 1 and len(jobs) > 1 and _batchable(jobs[0].work):
-            # the common case under webhook load: all of one batchable type. No savepoint
-            # around it (a SAVEPOINT and a RELEASE per batch): if it is refused, the whole
-            # transaction is undone and the jobs run again in a new one, each alone
+        if len(runs) == 1 and _batchable(jobs[0].work):
+            # the common case under webhook load: all of one batchable type, one job alone
+            # included (below the peak most batches are small). No savepoint around it (a
+            # SAVEPOINT and a RELEASE per batch): if it is refused, the whole transaction is
+            # undone and the jobs run again in a new one, each alone
             if not self._commit(jobs, partial(_run_whole, jobs)):
                 self._commit(jobs, lambda session, ledger_session: [_run_in_savepoint(session, ledger_session, job.work) for job in jobs])
             return

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from reconciler.apply import RecordEvent
 from reconciler.events import parse_event
@@ -138,6 +138,21 @@ def test_a_bad_event_in_a_batch_fails_alone(fresh: Callable[[], SqlLedger]) -> N
     assert isinstance(results[2], ValueError)
     assert [r.outcome.value for i, r in enumerate(results) if i != 2] == ["orphan"] * 5
     assert ledger.read_sync(lambda s: s.count_events()) == 5
+
+
+def test_an_event_alone_commits_without_a_savepoint_and_a_bad_one_fails_alone(fresh: Callable[[], SqlLedger]) -> None:
+    """Below the peak most batches are small, one event often: it takes the batch path too,
+    with no SAVEPOINT and RELEASE around it; refused, it is undone and run again alone."""
+    ledger = fresh()
+    savepoints: list[str] = []
+    event.listen(ledger.engine, "savepoint", lambda connection, name: savepoints.append(name))
+    (good,) = in_one_batch(ledger, [work(verified(10))])
+    assert good.outcome.value == "orphan"
+    assert savepoints == []
+    (bad,) = in_one_batch(ledger, [work(verified(99), now=datetime(2026, 11, 27, 12, 0))])  # naive: refused
+    assert isinstance(bad, ValueError)
+    assert len(savepoints) == 1  # the second run, alone in a savepoint
+    assert ledger.read_sync(lambda s: s.count_events()) == 1
 
 
 def test_events_for_deltas_registered_in_the_same_batch_wait_for_them(fresh: Callable[[], SqlLedger]) -> None:
