@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -10,7 +12,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,8 +40,16 @@ class SqlLedger:
         # past this a caller is answered StorageUnavailable (never a success): a database
         # that stops answering without closing the connection must not hold requests forever
         self.write_deadline_seconds = write_deadline_seconds
-        writer_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
-        self._write_sessions = sessionmaker(writer_engine, expire_on_commit=False)
+        self._writer_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._write_sessions = sessionmaker(self._writer_engine, expire_on_commit=False)
+        # On SQLite each thread that commits (the writer thread, or commit_here's caller)
+        # keeps its connection between batches: taking one from the pool and giving it back
+        # was a fifth of a small batch's cost (bench/RESULTS.md), and a file does not drop
+        # connections. PostgreSQL takes one per batch: the pool's pre-ping replaces a
+        # connection the server dropped, where a kept one would fail the next batch.
+        self._kept = threading.local() if engine.dialect.name == "sqlite" else None
+        self._kept_connections: list[Connection] = []
+        self._kept_lock = threading.Lock()
         self._read_sessions = sessionmaker(engine, expire_on_commit=False)
         self._writer = GroupCommitWriter(self._commit_batch, max_batch=max_batch)
 
@@ -107,7 +117,32 @@ class SqlLedger:
 
     def close(self) -> None:
         self._writer.close()
+        with self._kept_lock:
+            for connection in self._kept_connections:
+                connection.close()
+            self._kept_connections.clear()
         self.engine.dispose()
+
+    def _write_session(self) -> Session:
+        """A session for one batch: on the thread's kept connection (SQLite), or on one from the pool."""
+        if self._kept is None:
+            return self._write_sessions()
+        connection: Connection | None = getattr(self._kept, "connection", None)
+        if connection is None or connection.closed:
+            connection = self._kept.connection = self._writer_engine.connect()
+            with self._kept_lock:
+                self._kept_connections.append(connection)
+        return self._write_sessions(bind=connection)
+
+    def _drop_kept_connection(self) -> None:
+        """After a failed commit the next batch starts on a new connection, as from the pool."""
+        connection: Connection | None = getattr(self._kept, "connection", None) if self._kept is not None else None
+        if connection is not None:
+            self._kept.connection = None  # type: ignore[union-attr]
+            with self._kept_lock:
+                self._kept_connections.remove(connection)
+            with contextlib.suppress(SQLAlchemyError):
+                connection.close()
 
     def _commit_batch(self, batch: list[Job]) -> None:
         jobs = [job for job in batch if job.start()]  # cancelled: nothing to do
@@ -127,11 +162,12 @@ class SqlLedger:
         failure if there was none. False, with nothing committed and no one told, when
         `run` refused the batch as a whole."""
         try:
-            with self._write_sessions() as session, session.begin():
+            with self._write_session() as session, session.begin():
                 outcomes = run(session, LedgerSession(session))
         except _BatchRefused:
             return False
         except SQLAlchemyError as exc:
+            self._drop_kept_connection()
             failure = StorageUnavailable(f"commit failed: {_describe(exc)}")
             resolve_all((job, failure, None) for job in jobs)
             return True
