@@ -17,11 +17,13 @@ first message each way, a frame is a list: whatever one side writes at once, pic
   the commit that holds them returned, (job, "invalid", why) for a body that is no event we
   can read, or (job, "unavailable", why) when it could not be recorded.
 The daemon verifies each webhook's signature; the child parses the body (the daemon's
-event loop never does: its CPU is the ingest's limit, bench/RESULTS.md).
+event loop does not while a child is up: its CPU is the ingest's limit, bench/RESULTS.md).
 
 Failures: when the child is gone (its end of the socket closes), every webhook waiting
 for it is answered StorageUnavailable (503: PacSpace delivers again, and an event the
-child had committed is then a duplicate), and a new child is started. The child ignores
+child had committed is then a duplicate), and a new child is started. Until it is up,
+a new webhook is answered 503 too, unless its body is no event: that is refused 400, as
+the child would (the daemon parses a body on this path only). The child ignores
 SIGTERM and SIGINT (a service manager or a terminal signals the whole group, and the
 daemon drains its webhooks through the child first); it exits when the daemon closes
 its end, or dies.
@@ -217,6 +219,12 @@ class ProcessRecorder:
 
     async def record(self, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
         if not self._up:
+            # the answer must not depend on the child being up: a body that is no event is
+            # refused 400 now as it would be by the child (parsed here only on this path;
+            # imported here, as the child does, to keep this module light for the early spawn)
+            from reconciler.events import parse_event
+
+            parse_event(raw_body)
             raise StorageUnavailable("the webhook writer process is not running (it is being restarted)")
         job = self._next_job = self._next_job + 1
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import text
 
 from pacrecon.webhook_writer import ProcessRecorder, WriterConfig, _frame, _frames
+from reconciler.errors import InvalidEvent
 from storage.engine import make_engine
 from storage.errors import StorageUnavailable
 
@@ -188,6 +189,27 @@ def test_a_child_that_goes_right_after_saying_ready_is_not_taken_for_up() -> Non
             await recorder.start()
         with pytest.raises(StorageUnavailable):
             recorder.check()  # readiness fails: no webhook is sent to a child that is gone
+        await recorder.close()
+
+    asyncio.run(go())
+
+
+def test_while_no_child_is_up_a_body_that_is_no_event_is_still_refused_as_invalid() -> None:
+    """The answer does not depend on the child being up: 400 for a signed body that is no
+    event (PacSpace would retry a 503 in vain), 503 for an event, which a retry records."""
+
+    async def go() -> None:
+        recorder, child = _with_played_child()
+        child.sendall(_frame(("ready", 1)))
+        child.close()
+        with pytest.raises(StorageUnavailable):
+            await recorder.start()
+        with pytest.raises(InvalidEvent, match="not JSON"):
+            await recorder.record(b'{"id": ', 0, 0.0)
+        with pytest.raises(InvalidEvent, match="must be a JSON object"):
+            await recorder.record(b"[1, 2]", 0, 0.0)
+        with pytest.raises(StorageUnavailable, match="being restarted"):
+            await recorder.record(sign(envelope(data={"recordId": "a_later"})).body, 0, 0.0)
         await recorder.close()
 
     asyncio.run(go())
