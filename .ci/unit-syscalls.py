@@ -175,7 +175,8 @@ def judge(exit_code: int, trace: Path, server_port: int | None = None) -> dict[s
     denied = sorted(set(calls) - allowed_calls())
     allowed_families = {f for value in unit_lines("RestrictAddressFamilies") for f in value.split()}
     bad_families = sorted(families - allowed_families)
-    database_connects = sum(1 for line in lines if f"sin_port=htons({server_port})" in line and "connect(" in line)
+    ports = (f"sin_port=htons({server_port})", f"sin6_port=htons({server_port})")
+    database_connects = sum(1 for line in lines if "connect(" in line and any(port in line for port in ports))
     ok = exit_code == 0 and not denied and not bad_families and not write_exec and "socketpair" in calls
     ok = ok and (server_port is None or database_connects > 0)
     return {"ok": ok, "exit_code": exit_code, "database_connects_traced": database_connects if server_port else None, "threads_and_processes": processes, "distinct_calls": len(calls),

@@ -333,6 +333,7 @@ def main() -> None:
             if name != target:
                 extra[target] = extra.get(target, 0) + result["ok2xx"]
                 extra[f"{target}:recorded"] = extra.get(f"{target}:recorded", 0) + result["recorded"]
+                extra[f"{target}:errors"] = extra.get(f"{target}:errors", 0) + result["errors"]
             print(json.dumps({"openloop": name, **result}), flush=True)
 
         # durability: SIGKILL each daemon, then count its ledger against the 2xx answers it gave
@@ -346,7 +347,10 @@ def main() -> None:
             acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs) + openloop[backend]["ok2xx"] + extra.get(backend, 0)
             recorded = (warm[backend]["recorded"] + sum(r["recorded"] for r in runs) + openloop[backend]["recorded"]
                         + extra.get(f"{backend}:recorded", 0))
-            unanswered = warm[backend]["unanswered"] + sum(r["unanswered"] for r in peaks[backend])
+            # unanswered: in flight at wrk's cutoff, or an open-loop request never answered
+            # (either may still have been committed)
+            unanswered = (warm[backend]["unanswered"] + sum(r["unanswered"] for r in peaks[backend])
+                          + sum(r["errors"] for r in round_openloop[backend]) + openloop[backend]["errors"] + extra.get(f"{backend}:errors", 0))
             rows = count_rows(databases[backend])
             durability[backend] = {"acknowledged_2xx": acknowledged, "recorded_answers": recorded, "rows": rows, "unanswered_at_wrk_cutoff": unanswered}
             ok = recorded == acknowledged and acknowledged <= rows <= acknowledged + unanswered

@@ -140,7 +140,8 @@ class SqlLedger:
         if connection is not None:
             self._kept.connection = None  # type: ignore[union-attr]
             with self._kept_lock:
-                self._kept_connections.remove(connection)
+                if connection in self._kept_connections:  # close() may have closed it already
+                    self._kept_connections.remove(connection)
             with contextlib.suppress(SQLAlchemyError):
                 connection.close()
 
@@ -163,6 +164,10 @@ class SqlLedger:
         `run` refused the batch as a whole."""
         try:
             with self._write_session() as session, session.begin():
+                # BEGIN (IMMEDIATE on SQLite) now, not at the first statement of a work: a
+                # database that stays locked fails the batch once here, instead of being
+                # taken for a refused batch whose jobs then each wait out the lock again
+                session.connection()
                 outcomes = run(session, LedgerSession(session))
         except _BatchRefused:
             return False

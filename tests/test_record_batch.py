@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -16,6 +17,7 @@ from sqlalchemy import event, text
 
 from reconciler.apply import RecordEvent
 from reconciler.events import parse_event
+from storage.errors import StorageUnavailable
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
 from tests.conftest import empty_postgres, migrated_sqlite_url
@@ -153,6 +155,28 @@ def test_an_event_alone_commits_without_a_savepoint_and_a_bad_one_fails_alone(fr
     assert isinstance(bad, ValueError)
     assert len(savepoints) == 1  # the second run, alone in a savepoint
     assert ledger.read_sync(lambda s: s.count_events()) == 1
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_a_locked_sqlite_file_fails_the_batch_once_not_each_job_again(tmp_path: Path, jobs: int) -> None:
+    """BEGIN IMMEDIATE is taken before any work runs: a lock held past the timeout fails
+    the batch at once (one wait), not as a refused batch whose jobs each wait again."""
+    path = tmp_path / "locked.db"
+    ledger = SqlLedger.from_url(migrated_sqlite_url(path), lock_timeout_ms=200)
+    begins: list[str] = []
+    event.listen(ledger.engine, "before_cursor_execute", lambda c, cursor, statement, *rest: statement.startswith("BEGIN") and begins.append(statement))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        outcomes = ledger.commit_here([work(verified(10 + n)) for n in range(jobs)])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [type(error) for error, _ in outcomes] == [StorageUnavailable] * jobs
+    assert "locked" in str(outcomes[0][0])
+    assert begins == ["BEGIN IMMEDIATE"]
+    assert [error for error, _ in ledger.commit_here([work(verified(20))])] == [None]  # the lock gone, the next batch commits
+    ledger.close()
 
 
 def test_events_for_deltas_registered_in_the_same_batch_wait_for_them(fresh: Callable[[], SqlLedger]) -> None:
