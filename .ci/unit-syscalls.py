@@ -2,11 +2,11 @@
 
 The unit's seccomp filter answers a system call it does not allow with EPERM
 (`SystemCallErrorNumber=EPERM`): nothing crashes, something fails later, under systemd
-only. So the daemon runs here under strace, as the unit runs it (the webhook writer process,
-PacSpace reachable: the sandbox), once on a SQLite ledger and once on PostgreSQL when
-PACRECON_TEST_DATABASE_URL names a server (as .ci/run sets it; libpq's calls and sockets
-are then traced too), through what it does in production: start, webhooks through the writer process, a delta emitted to PacSpace, a
-reconciliation pass, the report, metrics, a stop by SIGTERM. Then every system call it and
+only. So the daemon runs here under strace, as the unit runs it (the webhook writer
+process, PacSpace reachable: the sandbox), once on a SQLite ledger and once on PostgreSQL
+when PACRECON_TEST_DATABASE_URL names a server (as .ci/run sets it; libpq's calls and
+sockets are then traced too), through what it does in production: start, webhooks through
+the writer process, a delta emitted to PacSpace, a reconciliation pass, the report, metrics, a stop by SIGTERM. Then every system call it and
 its writer process made is checked against the unit's SystemCallFilter= lines (expanded by
 `systemd-analyze syscall-filter`, with the calls systemd always allows), every socket
 family against RestrictAddressFamilies=, and no memory is mapped writable and executable
@@ -179,8 +179,8 @@ def judge(exit_code: int, trace: Path, server_port: int | None = None) -> dict[s
     database_connects = sum(1 for line in lines if "connect(" in line and any(port in line for port in ports))
     ok = exit_code == 0 and not denied and not bad_families and not write_exec and "socketpair" in calls
     ok = ok and (server_port is None or database_connects > 0)
-    return {"ok": ok, "exit_code": exit_code, "database_connects_traced": database_connects if server_port else None, "threads_and_processes": processes, "distinct_calls": len(calls),
-            "root_only_calls_after_geteuid_0": root_only,
+    return {"ok": ok, "exit_code": exit_code, "database_connects_traced": database_connects if server_port else None,
+            "threads_and_processes": processes, "distinct_calls": len(calls), "root_only_calls_after_geteuid_0": root_only,
             "denied_calls": {c: calls[c] for c in denied}, "socket_families": sorted(families),
             "families_not_allowed": bad_families, "write_and_execute_mappings": write_exec[:5]}
 
@@ -197,7 +197,7 @@ def main() -> int:
         if admin_url:
             server = make_url(admin_url)
             # over TCP its connections must show in the trace (libpq's calls traced at all)
-            port = (server.port or 5432) if not (server.host or "").startswith("/") and server.host else None
+            port = server.port or 5432 if server.host and not server.host.startswith("/") else None
             ledgers["postgresql"] = (lambda: stack.enter_context(postgres_database(admin_url, "pacrecon_syscalls")), port)
         else:
             print(f"{POSTGRES_ENV} is not set: PostgreSQL (libpq) is not traced", flush=True)

@@ -322,7 +322,8 @@ def main() -> None:
                  for b in daemons if b.endswith("_process") and b.removesuffix("_process") in summary]
         # the baseline code at its twin's rate too: two versions compared at one offered load
         plan += [(f"{b}_at_twin_rate", b, 0.8 * summary[b.removesuffix("_baseline")]["rps_median"]) for b in daemons if b.endswith("_baseline")]
-        extra: dict[str, int] = {}  # answers of the extra runs, per daemon, for the durability count
+        # every open-loop run each daemon answered (the rounds' too), for the durability count
+        answered = {target: list(runs) for target, runs in round_openloop.items()}
         for name, target, rate in plan:
             count = int(rate * args.openloop_seconds) + 1
             write_bodies(bodies, next_id, count)
@@ -330,10 +331,8 @@ def main() -> None:
             result = run_openloop(generator, targets[target][1], bodies, rate, args.openloop_seconds)
             result["loadavg"] = os.getloadavg()[0]
             openloop[name] = result
-            if name != target:
-                extra[target] = extra.get(target, 0) + result["ok2xx"]
-                extra[f"{target}:recorded"] = extra.get(f"{target}:recorded", 0) + result["recorded"]
-                extra[f"{target}:errors"] = extra.get(f"{target}:errors", 0) + result["errors"]
+            if target in answered:
+                answered[target].append(result)
             print(json.dumps({"openloop": name, **result}), flush=True)
 
         # durability: SIGKILL each daemon, then count its ledger against the 2xx answers it gave
@@ -342,17 +341,15 @@ def main() -> None:
             assert daemon.process is not None
             daemon.process.kill()
             daemon.process.wait()
-            runs = peaks[backend]
-            runs = runs + round_openloop[backend]  # the rounds' open-loop runs answered too
-            acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs) + openloop[backend]["ok2xx"] + extra.get(backend, 0)
-            recorded = (warm[backend]["recorded"] + sum(r["recorded"] for r in runs) + openloop[backend]["recorded"]
-                        + extra.get(f"{backend}:recorded", 0))
-            # unanswered: in flight at wrk's cutoff, or an open-loop request never answered
-            # (either may still have been committed)
+            runs = peaks[backend] + answered[backend]
+            acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs)
+            recorded = warm[backend]["recorded"] + sum(r["recorded"] for r in runs)
+            # in flight at wrk's cutoff, or an open-loop request never answered: either may
+            # still have been committed
             unanswered = (warm[backend]["unanswered"] + sum(r["unanswered"] for r in peaks[backend])
-                          + sum(r["errors"] for r in round_openloop[backend]) + openloop[backend]["errors"] + extra.get(f"{backend}:errors", 0))
+                          + sum(r["errors"] for r in answered[backend]))
             rows = count_rows(databases[backend])
-            durability[backend] = {"acknowledged_2xx": acknowledged, "recorded_answers": recorded, "rows": rows, "unanswered_at_wrk_cutoff": unanswered}
+            durability[backend] = {"acknowledged_2xx": acknowledged, "recorded_answers": recorded, "rows": rows, "unanswered": unanswered}
             ok = recorded == acknowledged and acknowledged <= rows <= acknowledged + unanswered
             durability[backend]["ok"] = ok
             print(json.dumps({"durability": backend, **durability[backend]}), flush=True)

@@ -44,7 +44,7 @@ class SqlLedger:
         self._write_sessions = sessionmaker(self._writer_engine, expire_on_commit=False)
         # On SQLite each thread that commits (the writer thread, or commit_here's caller)
         # keeps its connection between batches: taking one from the pool and giving it back
-        # was a fifth of a small batch's cost (bench/RESULTS.md), and a file does not drop
+        # was 14 % of a batch of one's instructions (bench/RESULTS.md), and a file does not drop
         # connections. PostgreSQL takes one per batch: the pool's pre-ping replaces a
         # connection the server dropped, where a kept one would fail the next batch.
         self._kept = threading.local() if engine.dialect.name == "sqlite" else None
