@@ -10,7 +10,7 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,15 @@ class ChildRun:
     stderr: str
     wall_seconds: float
     # the child's peak resident set (VmHWM of its own address space, read every 5 ms while it
-    # runs). Not wait4's ru_maxrss: on Linux that also counts the forking parent's resident
-    # set (exec keeps the high-water mark of the address space it replaces), so a bench
-    # holding a large ledger in memory made every child look as large as itself.
+    # runs), plus the peak of each process it started (a pass's page writer process): the
+    # sum of their peaks, which is at least the peak of their sum. Not wait4's ru_maxrss: on
+    # Linux that also counts the forking parent's resident set (exec keeps the high-water
+    # mark of the address space it replaces), so a bench holding a large ledger in memory
+    # made every child look as large as itself.
     max_rss_mb: float
-    cpu_seconds: float = 0.0  # the child's own user + system time (wait4's rusage)
+    cpu_seconds: float = 0.0  # the child's user + system time, its reaped children's included (wait4's rusage)
+    # each process's own peak, by pid, the child's first
+    max_rss_mb_by_process: dict[int, float] = field(default_factory=dict)
 
 
 def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 1800) -> ChildRun:
@@ -42,15 +46,16 @@ def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
     with out_path.open("wb") as out, err_path.open("wb") as err:
         process = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=err)
         deadline = started + timeout
-        peak_mb = 0.0
+        peaks: dict[int, float] = {process.pid: 0.0}
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            try:
-                peak_mb = max(peak_mb, proc_status_mb(process.pid, "VmHWM"))
-            except (OSError, KeyError):  # exiting: its address space is gone already
-                pass
+            for member in [process.pid, *descendants(process.pid)]:
+                try:
+                    peaks[member] = max(peaks.get(member, 0.0), proc_status_mb(member, "VmHWM"))
+                except (OSError, KeyError):  # exiting: its address space is gone already
+                    pass
             if time.perf_counter() > deadline:
                 process.kill()
                 pid, status, usage = os.wait4(process.pid, 0)
@@ -63,9 +68,27 @@ def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
         wall_seconds=wall,
-        max_rss_mb=peak_mb,
+        max_rss_mb=sum(peaks.values()),
         cpu_seconds=usage.ru_utime + usage.ru_stime,
+        max_rss_mb_by_process=peaks,
     )
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (from /proc/PID/task/TID/children)."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
 
 
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -16,7 +16,8 @@ Each round measures, one after the other:
   small  `pacrecon reconcile --once --json` on a fresh copy of the small ledger
   large  the same on a fresh copy of the large ledger
 Each pass runs as its own process: its peak RSS is the kernel's VmHWM of that
-process (bench/common.py run_child: not ru_maxrss, which counts this process too).
+process plus that of its page writer process when it starts one (bench/common.py
+run_child: the sum of their peaks; not ru_maxrss, which counts this process too).
 Rate = checked / (finished_at - started_at) of the pass's own summary; the process's
 wall time (interpreter start, imports, schema check included) is reported too.
 Every pass is checked: completed, checked == fixed == STALE, all missing_webhook, the
@@ -134,6 +135,7 @@ def run_pass(url: str, sandbox: SandboxProcess, rundir: Path, code: Path | None 
     summary, _ = json.JSONDecoder().raw_decode(child.stdout[child.stdout.index("{") :])
     seconds = (datetime.fromisoformat(summary["finished_at"]) - datetime.fromisoformat(summary["started_at"])).total_seconds()
     return {"summary": summary, "pass_seconds": seconds, "wall_seconds": child.wall_seconds, "max_rss_mb": child.max_rss_mb,
+            "max_rss_mb_by_process": list(child.max_rss_mb_by_process.values()),
             "cpu_seconds": {"pass": child.cpu_seconds, **others.used}}
 
 
@@ -272,6 +274,7 @@ def _brief(measured: dict[str, Any]) -> dict[str, Any]:
     for size in _sizes(measured):
         r = measured[size]
         brief[size] = {"pass_s": round(r["pass_seconds"], 2), "wall_s": round(r["wall_seconds"], 2), "rss_mb": round(r["max_rss_mb"], 1),
+                       "rss_mb_by_process": [round(mb, 1) for mb in r["max_rss_mb_by_process"]],
                        "rate_to_raw": round(r["rate_to_raw"], 3), "cpu_s": {k: round(v, 2) for k, v in r["cpu_seconds"].items()}}
     return brief
 

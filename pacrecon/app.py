@@ -167,6 +167,12 @@ def _count_refused_webhook(metrics: Metrics, scope: Scope) -> None:
 
 def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time,
                     foreground_busy: Callable[[], bool] | None = None) -> Reconciler:
+    page_process = None
+    if settings.reconcile_writer != "thread":
+        from pacrecon.page_writer import ProcessPages
+        from pacrecon.webhook_writer import WriterConfig
+
+        page_process = partial(ProcessPages, WriterConfig.of(settings), deadline_seconds=settings.write_deadline_seconds())
     # the pass waits out 429/503 itself, for all its lookups at once: one retry per call is enough
     return Reconciler(
         ledger,
@@ -177,6 +183,8 @@ def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceCli
         clock=clock,
         foreground_busy=foreground_busy,
         yield_share=settings.yield_share(),
+        page_process=page_process,
+        page_process_always=settings.reconcile_writer == "process",
     )
 
 

@@ -79,6 +79,17 @@ class WriterConfig:
     log_format: str | None
     secrets: tuple[str, ...]  # for the child's log scrubber, as the daemon's
 
+    @classmethod
+    def of(cls, settings: Settings) -> WriterConfig:
+        """What a writer process (this one, or `pacrecon.page_writer`'s) needs of the settings."""
+        return cls(
+            database_url=settings.database_url,
+            lock_timeout_ms=settings.lock_timeout_ms,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+            secrets=tuple(settings.secret_values()),
+        )
+
     def __repr__(self) -> str:  # never the URL (it may hold a password) or the secrets
         return f"WriterConfig(log_level={self.log_level!r})"
 
@@ -109,14 +120,7 @@ def spawn_writer(settings: Settings, deadline_seconds: float) -> ProcessRecorder
     """The writer process for `settings`, spawned now. `pacrecon serve` calls this before
     it imports the app, so that the child's start (its imports) overlaps the daemon's:
     this module and what it imports are light for that reason."""
-    config = WriterConfig(
-        database_url=settings.database_url,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        log_level=settings.log_level,
-        log_format=settings.log_format,
-        secrets=tuple(settings.secret_values()),
-    )
-    recorder = ProcessRecorder(config, deadline_seconds=deadline_seconds)
+    recorder = ProcessRecorder(WriterConfig.of(settings), deadline_seconds=deadline_seconds)
     recorder.spawn()
     return recorder
 

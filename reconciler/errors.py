@@ -1,5 +1,9 @@
 """Errors of the reconciler's pure functions."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class InvalidEvent(ValueError):
     """A genuine (signed) body that is not a usable PacSpace event: not UTF-8, not JSON,
@@ -33,6 +37,11 @@ class PacSpaceError(Exception):
         self.retry_after = retry_after
         self.customer_id = customer_id
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a pass's answers cross to its page writer process (pickled); Exception's own
+        # reduce would call __init__ with the message alone
+        return (_pacspace_error, (self.status, self.code, self.message, self.retryable, self.retry_after, self.customer_id))
+
     @property
     def final(self) -> bool:
         """PacSpace itself refused the request for good: a validation error (400), no credits
@@ -41,3 +50,9 @@ class PacSpaceError(Exception):
         if self.code.startswith("HTTP_") or self.code == "INVALID_RESPONSE":
             return False  # not PacSpace's own word: a proxy, a load balancer, a broken answer
         return self.status in (400, 402, 412) or self.code == "IDEMPOTENCY_CONFLICT"
+
+
+def _pacspace_error(
+    status: int | None, code: str, message: str, retryable: bool, retry_after: float | None, customer_id: str | None
+) -> PacSpaceError:
+    return PacSpaceError(status, code, message, retryable=retryable, retry_after=retry_after, customer_id=customer_id)

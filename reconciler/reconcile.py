@@ -28,6 +28,7 @@ from reconciler.errors import PacSpaceError
 from reconciler.events import MAX_SEQUENCE
 from reconciler.give_way import GiveWay
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
+from reconciler.pages import LedgerPages, PageWriter
 from storage.delta_row import AnyDelta
 from storage.errors import DATABASE_TROUBLE, StorageUnavailable
 from storage.models import Discrepancy, ReconciliationRun
@@ -136,11 +137,17 @@ class Reconciler:
         foreground_busy: Callable[[], bool] | None = None,
         yield_share: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
+        page_process: Callable[[], PageWriter] | None = None,
+        page_process_always: bool = False,
     ) -> None:
         """`foreground_busy`: whether the daemon's webhooks need the process now (they share its
         event loop, its GIL and its database with the pass); the pass then waits, for at most
-        `yield_share` of its time (`reconciler.give_way`)."""
+        `yield_share` of its time (`reconciler.give_way`). `page_process`: starts the writer
+        of a pass's pages when its first page is full (`pacrecon.page_writer`, a child process),
+        or whenever it has a page with `page_process_always`; otherwise, and without it, the
+        ledger's own writer writes them."""
         self.ledger, self.client = ledger, client
+        self.page_process, self.page_process_always = page_process, page_process_always
         self.foreground_busy, self.yield_share, self.monotonic = foreground_busy, yield_share, monotonic
         self.stale_after = timedelta(seconds=stale_after_seconds)
         self.stuck_after = timedelta(seconds=stuck_after_seconds)
@@ -234,6 +241,7 @@ class Reconciler:
         throttle = Throttle(self.clock, self.sleep)
         after: tuple[datetime, int] | None = None
         opened = 0
+        pages: PageWriter | None = None  # chosen at the first page (is it full?)
         writing = _PageWrite(summary)
         try:
             while True:
@@ -243,10 +251,12 @@ class Reconciler:
                 # a page written meanwhile changes none of these rows: they all come after it
                 kept, page = await self.ledger.read(partial(_next_page, answers=list(answers), cutoff=cutoff, after=after, limit=self.page_size))
                 # the answers later pages need, no more: the pass's memory follows a page, not the stale count
-                # (a new dict: the page being written keeps its own)
                 answers = {anchor: answers[anchor] for anchor in kept}
                 if not page:
                     return opened + await writing.counted()
+                if pages is None:
+                    # chosen now, so that a child's start overlaps the first page's lookups
+                    pages = self._pages(full=len(page) >= self.page_size)
                 after = (page[-1][2], page[-1][0])
                 anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
                 looked_up = await self._look_up(anchors, throttle, summary, give_way)
@@ -258,7 +268,7 @@ class Reconciler:
                 work = partial(
                     _apply_page,
                     delta_ids=[delta_id for delta_id, _, _ in page],
-                    answers=answers,
+                    answers={anchor: answers[anchor] for _, anchor, _ in page if anchor in answers},  # the page's own: it may cross to a child
                     now=now,
                     stuck_cutoff=stuck_cutoff,
                     run_id=summary.run_id,
@@ -266,9 +276,17 @@ class Reconciler:
                 )
                 opened += await writing.counted()
                 await give_way()
-                writing.start(self.ledger.read(work) if summary.dry_run else self.ledger.transact(work))
+                writing.start(pages.read(work) if summary.dry_run else pages.write(work))
         finally:
             await writing.settled()  # leaving early: the page being written is counted if it was
+            if pages is not None:
+                await pages.close()
+
+    def _pages(self, full: bool) -> PageWriter:
+        """A pass of less than a page writes in-process: a child's start (~1 s of CPU) would cost more than it saves."""
+        if self.page_process is not None and (full or self.page_process_always):
+            return self.page_process()
+        return LedgerPages(self.ledger)
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary, give_way: GiveWay) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)
