@@ -6,8 +6,10 @@ only. So the daemon runs here under strace, as the unit runs it (the webhook wri
 process, PacSpace reachable: the sandbox), once on a SQLite ledger and once on PostgreSQL
 when PACRECON_TEST_DATABASE_URL names a server (as .ci/run sets it; libpq's calls and
 sockets are then traced too), through what it does in production: start, webhooks through
-the writer process, a delta emitted to PacSpace, a reconciliation pass, the report, metrics, a stop by SIGTERM. Then every system call it and
-its writer process made is checked against the unit's SystemCallFilter= lines (expanded by
+the writer process, a delta emitted to PacSpace, a reconciliation pass whose page is written
+by the page writer process (PACRECON_RECONCILE_WRITER=process: its start must show in the
+trace), the report, metrics, a stop by SIGTERM. Then every system call it and
+its writer processes made is checked against the unit's SystemCallFilter= lines (expanded by
 `systemd-analyze syscall-filter`, with the calls systemd always allows), every socket
 family against RestrictAddressFamilies=, and no memory is mapped writable and executable
 at once (MemoryDenyWriteExecute=).
@@ -40,6 +42,7 @@ from tests.daemon import SANDBOX_KEY, SandboxProcess, clean_environment, free_po
 from tests.webhooks import TEST_SECRET, envelope, sign  # noqa: E402
 
 UNIT = REPO / "deploy" / "systemd" / "pacrecon.service"
+STALE_AFTER_SECONDS = 1
 API, ADMIN = "api-token-for-the-syscall-check", "admin-token-for-the-syscall-check"
 # SQLite gives a new -wal/-shm file its database's owner only when it runs as root
 # (`geteuid()==0` just before, in its robust_open): the check runs as root in CI, the unit
@@ -97,6 +100,7 @@ def exercise(url: str, api: str) -> None:
         answer = http.post("/v1/deltas", content='{"customerId":"cus_1","delta":-12.50,"reason":"usage"}',
                            headers={"Authorization": f"Bearer {api}", "Content-Type": "application/json"})
         assert answer.status_code == 200, answer.text
+        time.sleep(STALE_AFTER_SECONDS + 0.5)  # stale by the pass: it has a page to write
         admin = {"Authorization": f"Bearer {ADMIN}"}
         run = http.post("/admin/reconciliation/runs", headers=admin)
         assert run.status_code == 202, run.text
@@ -118,11 +122,12 @@ def run_traced(database_url: str, sandbox: SandboxProcess, work: Path, trace_dir
         PACRECON_PORT=str(port),
         PACRECON_LOG_FORMAT="json",
         PACRECON_WEBHOOK_WRITER="process",
+        PACRECON_RECONCILE_WRITER="process",  # a page of one delta written by the page writer process too
         PACRECON_PACSPACE_BASE_URL=sandbox.url,
         PACRECON_PACSPACE_API_KEY=SANDBOX_KEY,
         PACRECON_API_TOKEN=API,
         PACRECON_ADMIN_TOKEN=ADMIN,
-        PACRECON_STALE_AFTER_SECONDS="1",
+        PACRECON_STALE_AFTER_SECONDS=str(STALE_AFTER_SECONDS),
     )
     trace = trace_dir / "serve.strace"
     log = (trace_dir / "serve.log").open("wb")
@@ -177,9 +182,12 @@ def judge(exit_code: int, trace: Path, server_port: int | None = None) -> dict[s
     bad_families = sorted(families - allowed_families)
     ports = (f"sin_port=htons({server_port})", f"sin6_port=htons({server_port})")
     database_connects = sum(1 for line in lines if "connect(" in line and any(port in line for port in ports))
-    ok = exit_code == 0 and not denied and not bad_families and not write_exec and "socketpair" in calls
+    # the pass's page writer process ran (its calls are in the trace): its execve, as spawned
+    page_writers = sum(1 for line in lines if "execve(" in line and '"pacrecon.page_writer"' in line)
+    ok = exit_code == 0 and not denied and not bad_families and not write_exec and "socketpair" in calls and page_writers > 0
     ok = ok and (server_port is None or database_connects > 0)
     return {"ok": ok, "exit_code": exit_code, "database_connects_traced": database_connects if server_port else None,
+            "page_writer_processes_traced": page_writers,
             "threads_and_processes": processes, "distinct_calls": len(calls), "root_only_calls_after_geteuid_0": root_only,
             "denied_calls": {c: calls[c] for c in denied}, "socket_families": sorted(families),
             "families_not_allowed": bad_families, "write_and_execute_mappings": write_exec[:5]}

@@ -75,19 +75,13 @@ def run_child(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
 
 
 def descendants(pid: int) -> list[int]:
-    """The processes `pid` started, and theirs (from /proc/PID/task/TID/children)."""
+    """The processes `pid` started, and theirs. Read from each one's main thread only (as
+    `children_of`): the daemon and a pass start their writer processes from their event
+    loop, the main thread; every thread's list, read every 5 ms, would cost the machine
+    being measured."""
     found: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *descendants(child)]
+    for child in children_of(pid):
+        found += [child, *descendants(child)]
     return found
 
 

@@ -33,7 +33,9 @@ machine, measured first with wrk as bench/ingest.py does (64 connections, a 2 s 
 then PEAK_RUNS x PEAK_SECONDS s; median).
 
 Each round, per writer (the writers' order alternates between rounds; with --yield-shares, per
-writer and share, `<writer>@<share>`):
+writer and share, `<writer>@<share>`; with --page-writers, per page writer too, `<writer>:<pages>`,
+PACRECON_RECONCILE_WRITER, the pass's page writer process then sampled for its peak RSS at each
+poll of the pass and its CPU counted once the daemon has reaped it):
   alone     the pass with no webhook load
   loaded    the generator for LOAD seconds; LEAD s after it starts, the pass is started
   no_pass   the generator alone, same rate and LOAD seconds
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import json
 import os
 import resource
@@ -171,15 +174,28 @@ def wall_minus_monotonic_ns() -> int:
     return best[1]
 
 
-def peak_rss_mb(daemon: Daemon) -> dict[str, float]:
+def peak_rss_mb(daemon: Daemon, gone_children: dict[int, float]) -> dict[str, float]:
     """The kernel's high-water mark of the resident set (VmHWM) of the daemon and of its
-    writer process, so far (read before it stops)."""
+    writer process, so far (read before it stops); and the highest of the children seen while
+    the pass ran that have gone since (a pass's page writer process: `gone_children`, sampled
+    at each poll of the pass)."""
     assert daemon.process is not None
     pid = daemon.process.pid
     peaks = {"daemon": round(proc_status_mb(pid, "VmHWM"), 1)}
-    for child in children_of(pid):
+    running = children_of(pid)
+    for child in running:
         peaks["writer_process"] = round(proc_status_mb(child, "VmHWM"), 1)
+    gone = [mb for child, mb in gone_children.items() if child not in running]
+    if gone:
+        peaks["page_writer_process"] = round(max(gone), 1)
     return peaks
+
+
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """User + system time of the children `pid` has reaped so far (cutime, cstime: a pass's
+    page writer process once it has gone)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 class Bench:
@@ -192,8 +208,10 @@ class Bench:
 
     def fresh(self, variant: str) -> tuple[Daemon, Path, str]:
         """A daemon on a new copy of the template ledger; returns it, its directory, the copy's name.
-        `variant`: the webhook writer, and after an "@" the yield share (else the daemon's default)."""
+        `variant`: the webhook writer, after an "@" the yield share, after a ":" the page
+        writer (PACRECON_RECONCILE_WRITER); each else the daemon's default."""
         self.runs += 1
+        variant, _, pages = variant.partition(":")
         writer, _, share = variant.partition("@")
         name = f"idp_run{self.runs:03d}_{writer}"
         rundir = self.workdir / name
@@ -203,6 +221,7 @@ class Bench:
             url,
             rundir,
             **({"PACRECON_RECONCILE_YIELD_SHARE": share} if share else {}),
+            **({"PACRECON_RECONCILE_WRITER": pages} if pages else {}),
             PACRECON_WEBHOOK_WRITER=writer,
             PACRECON_PACSPACE_BASE_URL=self.sandbox.url,
             PACRECON_PACSPACE_API_KEY=SANDBOX_KEY,
@@ -234,11 +253,17 @@ class Bench:
             raise RuntimeError(f"the pass did not start: {reply.status_code} {reply.text[:500]}")
         return int(reply.json()["run_id"])
 
-    def wait_pass(self, admin: httpx.Client, run_id: int) -> dict[str, Any]:
+    def wait_pass(self, admin: httpx.Client, run_id: int, daemon: Daemon, children: dict[int, float]) -> dict[str, Any]:
+        """The run once it is no longer running; meanwhile the peak (VmHWM) of each child of
+        the daemon, by pid, into `children`."""
+        assert daemon.process is not None
         deadline = time.monotonic() + PASS_TIMEOUT
         polls = 0
         while time.monotonic() < deadline:
             polls += 1
+            for child in children_of(daemon.process.pid):
+                with contextlib.suppress(OSError, KeyError):  # gone meanwhile
+                    children[child] = max(children.get(child, 0.0), proc_status_mb(child, "VmHWM"))
             reply = admin.get(f"/admin/reconciliation/runs/{run_id}")
             reply.raise_for_status()
             run = reply.json()
@@ -251,12 +276,13 @@ class Bench:
     def alone(self, writer: str) -> dict[str, Any]:
         """The pass with no webhook load."""
         daemon, rundir, name = self.fresh(writer)
+        children: dict[int, float] = {}
         try:
             with self.admin(daemon) as admin:
                 before = self.cpu(daemon)
-                run = self.wait_pass(admin, self.start_pass(admin))
+                run = self.wait_pass(admin, self.start_pass(admin), daemon, children)
                 cpu = self.cpu_used(daemon, before)
-            peak_mb = peak_rss_mb(daemon)
+            peak_mb = peak_rss_mb(daemon, children)
             checks = check_ledger(self.databases.url(name), run, self.args.stale, ok2xx=None)
         finally:
             log = self.finish(daemon, rundir, name)
@@ -265,6 +291,7 @@ class Bench:
     def loaded(self, writer: str, rate: float, seconds: float, with_pass: bool, same_window: tuple[float, float] | None = None) -> dict[str, Any]:
         """The generator at `rate` for `seconds`; with `with_pass`, the pass started LEAD s in."""
         daemon, rundir, name = self.fresh(writer)
+        children: dict[int, float] = {}
         try:
             count = int(rate * seconds) + 1
             bodies = rundir / "bodies.tsv"
@@ -284,14 +311,14 @@ class Bench:
                 if with_pass:
                     time.sleep(self.args.lead)
                     try:
-                        run = self.wait_pass(admin, self.start_pass(admin))
+                        run = self.wait_pass(admin, self.start_pass(admin), daemon, children)
                     except Exception as exc:  # recorded, and the load still finishes
                         pass_error = f"{type(exc).__name__}: {exc}"[:1000]
                     generator_running_at_pass_end = generator.poll() is None
                 out, err = generator.communicate(timeout=seconds + 120)
                 gen_after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = self.cpu_used(daemon, before)
-            peak_mb = peak_rss_mb(daemon)
+            peak_mb = peak_rss_mb(daemon, children)
             cpu["generator"] = round((gen_after.ru_utime + gen_after.ru_stime) - (gen_usage.ru_utime + gen_usage.ru_stime), 2)
             if generator.returncode != 0:
                 raise RuntimeError(f"the generator failed ({generator.returncode}): {err.strip()}")
@@ -325,24 +352,27 @@ class Bench:
     def admin(self, daemon: Daemon) -> httpx.Client:
         return httpx.Client(base_url=daemon.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
 
-    def cpu(self, daemon: Daemon) -> tuple[dict[str, float], float, float, float | None]:
-        """CPU seconds so far of the daemon's threads, its writer process, the sandbox, and on
-        PostgreSQL the server (it shares the machine's cores with the daemon)."""
+    def cpu(self, daemon: Daemon) -> tuple[dict[str, float], float, float, float, float | None]:
+        """CPU seconds so far of the daemon's threads, its writer process, the children it has
+        reaped (a pass's page writer process), the sandbox, and on PostgreSQL the server (it
+        shares the machine's cores with the daemon)."""
         assert daemon.process is not None and self.sandbox.process is not None
         pid = daemon.process.pid
         postgres = cpu_seconds(pids_named("postgres")) if self.args.backend == "postgres" else None
-        return thread_cpu_seconds(pid), cpu_seconds(children_of(pid)), cpu_seconds([self.sandbox.process.pid]), postgres
+        return (thread_cpu_seconds(pid), cpu_seconds(children_of(pid)), reaped_children_cpu_seconds(pid),
+                cpu_seconds([self.sandbox.process.pid]), postgres)
 
-    def cpu_used(self, daemon: Daemon, before: tuple[dict[str, float], float, float, float | None]) -> dict[str, float]:
-        threads, child, sandbox, postgres = self.cpu(daemon)
+    def cpu_used(self, daemon: Daemon, before: tuple[dict[str, float], float, float, float, float | None]) -> dict[str, float]:
+        threads, child, reaped, sandbox, postgres = self.cpu(daemon)
         used = {
             "daemon_main_thread": round(threads["main_thread"] - before[0]["main_thread"], 2),
             "daemon_other_threads": round(threads["other_threads"] - before[0]["other_threads"], 2),
             "writer_process": round(child - before[1], 2),
-            "sandbox": round(sandbox - before[2], 2),
+            "page_writer_process": round(reaped - before[2], 2),
+            "sandbox": round(sandbox - before[3], 2),
         }
-        if postgres is not None and before[3] is not None:
-            used["postgres"] = round(postgres - before[3], 2)
+        if postgres is not None and before[4] is not None:
+            used["postgres"] = round(postgres - before[4], 2)
         return used
 
     # -- peak ------------------------------------------------------------------------------
@@ -528,12 +558,18 @@ def main() -> None:
     parser.add_argument("--writers", default=",".join(WRITERS), help="the webhook writers to run, comma-separated")
     parser.add_argument("--yield-shares", default=None,
                         help="PACRECON_RECONCILE_YIELD_SHARE values, comma-separated: each writer runs with each (default: the daemon's own)")
+    parser.add_argument("--page-writers", default=None,
+                        help="PACRECON_RECONCILE_WRITER values (auto, process, thread), comma-separated: each variant runs with each (default: the daemon's own)")
     args = parser.parse_args()
     writers = args.writers.split(",")
     if not set(writers) <= set(WRITERS):
         parser.error(f"--writers: choose from {', '.join(WRITERS)}")
     shares = args.yield_shares.split(",") if args.yield_shares else [""]
-    variants = [f"{writer}@{share}" if share else writer for writer in writers for share in shares]
+    page_writers = args.page_writers.split(",") if args.page_writers else [""]
+    variants = [
+        (f"{writer}@{share}" if share else writer) + (f":{pages}" if pages else "")
+        for writer in writers for share in shares for pages in page_writers
+    ]
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-pass-", dir=args.workdir))
     databases = Databases(args.backend, workdir, args.postgres_url)

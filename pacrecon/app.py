@@ -32,6 +32,7 @@ from receiver.webhook_tally import WebhookTally
 from reconciler.errors import PacSpaceError
 from reconciler.outbox import Outbox
 from reconciler.pacspace import PacSpaceClient, RetryPolicy
+from reconciler.pages import LedgerPages, PageWriter
 from reconciler.reconcile import PassSummary, Reconciler
 from storage.errors import StorageUnavailable
 from storage.session import LedgerSession
@@ -167,12 +168,6 @@ def _count_refused_webhook(metrics: Metrics, scope: Scope) -> None:
 
 def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceClient, clock: Callable[[], float] = time.time,
                     foreground_busy: Callable[[], bool] | None = None) -> Reconciler:
-    page_process = None
-    if settings.reconcile_writer != "thread":
-        from pacrecon.page_writer import ProcessPages
-        from pacrecon.webhook_writer import WriterConfig
-
-        page_process = partial(ProcessPages, WriterConfig.of(settings), deadline_seconds=settings.write_deadline_seconds())
     # the pass waits out 429/503 itself, for all its lookups at once: one retry per call is enough
     return Reconciler(
         ledger,
@@ -183,9 +178,30 @@ def make_reconciler(settings: Settings, ledger: SqlLedger, pacspace: PacSpaceCli
         clock=clock,
         foreground_busy=foreground_busy,
         yield_share=settings.yield_share(),
-        page_process=page_process,
-        page_process_always=settings.reconcile_writer == "process",
+        pages_for=page_writers(settings, ledger),
     )
+
+
+def page_writers(settings: Settings, ledger: SqlLedger) -> Callable[[bool], PageWriter] | None:
+    """Who writes a pass's pages (PACRECON_RECONCILE_WRITER), given whether its first page is
+    full: "thread", the ledger's own writer (None); "process", a child process
+    (`pacrecon.page_writer`) always; "auto", a child for a pass of a full page or more, the
+    ledger's writer for a smaller one (a child's start, about a second of CPU, would cost it
+    more than it saves) or when the child cannot start."""
+    if settings.reconcile_writer == "thread":
+        return None
+    from pacrecon.page_writer import PagesOrInProcess, ProcessPages
+    from pacrecon.writer_child import WriterConfig
+
+    start = partial(ProcessPages, WriterConfig.of(settings), deadline_seconds=settings.write_deadline_seconds())
+    always = settings.reconcile_writer == "process"
+
+    def pages_for(full: bool) -> PageWriter:
+        if always:
+            return start()
+        return PagesOrInProcess(start, LedgerPages(ledger)) if full else LedgerPages(ledger)
+
+    return pages_for
 
 
 def _logged(job: Callable[[], Awaitable[Any]], name: str) -> Callable[[], Awaitable[None]]:

@@ -374,7 +374,8 @@ def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from pacrecon.logs import configure_logging
 
     configure_logging("warning", settings.log_format, settings.secret_values())
-    summary = asyncio.run(_reconcile_once(settings, args.dry_run))
+    # the pass's page writer process logs as this process does
+    summary = asyncio.run(_reconcile_once(settings.model_copy(update={"log_level": "warning"}), args.dry_run))
     if args.json:
         from storage import jsonio
 

@@ -4,75 +4,85 @@ hands its page transactions to a child process with a ledger of its own
 
 Why a process: a pass is bound by its one core of Python. Its status lookups (httpx) and
 its page transactions (SQLAlchemy and the comparison, in the ledger's writer thread) took
-turns at one GIL. In a child the transactions run beside the lookups, on the other core:
-a pass over 10,000 stale deltas took 21-28 % less time, and less CPU in all
-(bench/RESULTS.md, session 10). The cost: a second interpreter (~60 MB) while the pass
-runs, and its start (~1 s of CPU), which a pass of less than a page does not pay (it writes
-in-process: `Reconciler.page_process`).
+turns at one GIL. In a child the transactions run beside the lookups, on the other core
+(bench/RESULTS.md, "Reconciliation"). The cost: a second interpreter while the pass runs,
+and its start (about a second of CPU), which a pass of less than a page does not pay (it
+writes in-process: `pacrecon.app.page_writers`).
 
-Protocol, over a socketpair, `multiprocessing.connection` messages (a length and a pickle;
-they only ever cross between these two processes), one request at a time:
+Protocol, over a socketpair, `pacrecon.writer_child`'s frames, one request at a time:
   parent -> child: a `WriterConfig` once, then ("write" | "read", work)
   child -> parent: ("ready", pid) once, then per work ("done", its result), ("unavailable",
   why) for the database's trouble, or ("failed", why) for anything else.
 The child ignores SIGTERM and SIGINT and has a session of its own (a stopping daemon ends
 its pass after the page in hand, which the child must finish); it exits when the parent
-closes its end, or dies. A child that does not answer within the deadline is killed: the
-page it held is rolled back with its connection, or was committed, and the next pass sees
-which.
+closes its end, or dies. A page is committed only while the parent still waits for it: the
+child looks for the end of its socket between the page's work and its commit, and rolls the
+page back if the parent has gone (its pass lock went with it). A child that does not answer
+within the deadline is killed: the page it held is rolled back with its connection, or was
+committed, and the next pass sees which.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
+import asyncio
 import os
-import pickle
-import signal
 import socket
 import subprocess
 import sys
 import threading
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
+import structlog
 
-from pacrecon.webhook_writer import START_SECONDS, STOP_SECONDS, WriterConfig
+from pacrecon.writer_child import (
+    START_SECONDS,
+    STOP_SECONDS,
+    WriterConfig,
+    frame,
+    ignore_stop_signals,
+    open_ledger,
+    read_frame,
+    spawn,
+    wait_or_kill,
+)
 from storage.errors import DATABASE_TROUBLE, StorageUnavailable
 
 if TYPE_CHECKING:
+    from reconciler.pages import PageWriter
     from storage.ledger import Work
+    from storage.session import LedgerSession
     from storage.sql_ledger import SqlLedger
 
 T = TypeVar("T")
+log = structlog.get_logger("pacrecon.page_writer")
 
 
 class PageWriterGone(StorageUnavailable):
     """The page writer process stopped answering: the page in hand may not be written."""
 
 
+class PageWriterNotStarted(PageWriterGone):
+    """The page writer process never got ready: nothing was sent to it."""
+
+
+class PageWriteFailed(Exception):
+    """A page's work raised in the child something other than the database's trouble
+    (what it raised, as text: the exception itself stays there)."""
+
+
 class ProcessPages:
-    """`reconciler.pages.PageWriter` through a child process, started at once."""
+    """`reconciler.pages.PageWriter` through a child process, started at once (its start
+    overlaps the pass's first lookups)."""
 
     def __init__(self, config: WriterConfig, *, deadline_seconds: float, start_seconds: float = START_SECONDS) -> None:
         self._deadline, self._start_seconds = deadline_seconds, start_seconds
         self._lock = threading.Lock()  # one request at a time (a pass writes one page at a time anyway)
         self._ready = False
-        self._broken: PageWriterGone | None = None
-        parent_end, child_end = socket.socketpair()
-        try:
-            self._child = subprocess.Popen(
-                [sys.executable, "-m", "pacrecon.page_writer", str(child_end.fileno())],
-                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        except OSError as exc:
-            parent_end.close()
-            raise StorageUnavailable(f"the page writer process could not be started: {exc.strerror or exc}") from None
-        finally:
-            child_end.close()
-        self._connection = Connection(parent_end.detach())
-        self._connection.send(config)  # small: the socket's buffer holds it
+        self._broken: str | None = None  # why the child is gone, once it is
+        self._closed = False
+        self._child, self._socket = spawn("pacrecon.page_writer", "page writer process", config)
 
     @property
     def pid(self) -> int:
@@ -85,100 +95,172 @@ class ProcessPages:
         return await anyio.to_thread.run_sync(self._ask, "read", work)
 
     async def close(self) -> None:
-        await anyio.to_thread.run_sync(self.close_sync)
+        """The child told to go and reaped, also when the pass is cancelled meanwhile."""
+        self._end()
+        await asyncio.shield(asyncio.to_thread(self._reap))
 
-    def close_sync(self) -> int | None:
-        """The child told to go (its end of the socket closes), waited for, killed after
-        STOP_SECONDS; its exit code."""
-        with self._lock:
-            self._connection.close()
-        try:
-            return self._child.wait(STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._child.kill()
-            return self._child.wait()
+    def close_sync(self) -> int:
+        self._end()
+        return self._reap()
+
+    def _end(self) -> None:
+        """The child reads EOF, at once: no lock, so a request still in flight (a pass leaving
+        without waiting for its page) fails now, and the child rolls that page back."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the child has gone already
+            self._socket.close()
+
+    def _reap(self) -> int:
+        code = wait_or_kill(self._child, STOP_SECONDS)
+        if code != 0:
+            log.warning("page_writer_exited", pid=self._child.pid, exit_code=code)
+        return code
 
     def _ask(self, kind: str, work: Work[T]) -> T:
         with self._lock:
             if self._broken is not None:
-                raise self._broken
+                raise PageWriterGone(self._broken)
+            if self._closed:
+                raise PageWriterGone("the page writer process was closed")
+            if not self._ready:
+                self._answer(self._start_seconds, "get ready", PageWriterNotStarted)
+                self._ready = True
             try:
-                if not self._ready:  # the child's start overlapped the pass's first lookups
-                    self._answer(self._start_seconds, "start")
-                    self._ready = True
-                self._connection.send((kind, work))
-                outcome, detail = self._answer(self._deadline, "answer")
-            except (OSError, EOFError) as exc:
-                raise self._gone(f"its connection broke ({type(exc).__name__})") from None
+                self._socket.sendall(frame((kind, work)))
+            except OSError as exc:
+                raise self._gone(f"its connection broke ({type(exc).__name__})", PageWriterGone) from None
+            outcome, detail = self._answer(self._deadline, "answer", PageWriterGone)
         if outcome == "done":
             return detail  # type: ignore[no-any-return]
         if outcome == "unavailable":
             raise StorageUnavailable(detail)
         raise PageWriteFailed(detail)
 
-    def _answer(self, seconds: float, what: str) -> tuple[str, Any]:
-        if not self._connection.poll(seconds):
+    def _answer(self, seconds: float, what: str, gone: type[PageWriterGone]) -> tuple[str, Any]:
+        try:
+            return read_frame(self._socket, seconds)  # type: ignore[no-any-return]
+        except TimeoutError:
             self._child.kill()
-            raise self._gone(f"it did not {what} within {seconds:g} s and was stopped")
-        return self._connection.recv()  # type: ignore[no-any-return]
+            raise self._gone(f"it did not {what} within {seconds:g} s and was stopped", gone) from None
+        except (OSError, EOFError) as exc:
+            raise self._gone(f"its connection broke ({type(exc).__name__})", gone) from None
 
-    def _gone(self, why: str) -> PageWriterGone:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._child.wait(1.0)  # a child that died has its exit code by now
-        code = self._child.returncode
-        self._broken = PageWriterGone(
+    def _gone(self, why: str, gone: type[PageWriterGone]) -> PageWriterGone:
+        try:
+            code: int | None = self._child.wait(1.0)  # a child that died has its exit code by now
+        except subprocess.TimeoutExpired:
+            code = None
+        self._broken = (
             f"the page writer process (pid {self._child.pid}, exit code {code}) went: {why}; "
             "the page in hand may not be written (the next pass looks again)"
         )
-        return self._broken
+        return gone(self._broken)
 
 
-class PageWriteFailed(Exception):
-    """A page's work raised in the child something other than the database's trouble
-    (what it raised, as text: the exception itself stays there)."""
+class PagesOrInProcess:
+    """`PACRECON_RECONCILE_WRITER=auto`: the child's pages, or, when the child could not be
+    started or never got ready (nothing was sent to it), the ledger's own writer's. The
+    child only makes a pass faster: its absence must not fail passes."""
+
+    def __init__(self, start: Callable[[], ProcessPages], in_process: PageWriter) -> None:
+        self._in_process = in_process
+        self._pages: PageWriter
+        try:
+            self._pages = start()
+        except StorageUnavailable as exc:
+            self._pages = self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> PageWriter:
+        log.warning("page_writer_not_started", error=f"{exc}"[:500], writes="in-process")
+        return self._in_process
+
+    async def write(self, work: Work[T]) -> T:
+        return await self._through("write", work)
+
+    async def read(self, work: Work[T]) -> T:
+        return await self._through("read", work)
+
+    async def _through(self, kind: str, work: Work[T]) -> T:
+        try:
+            return await getattr(self._pages, kind)(work)  # type: ignore[no-any-return]
+        except PageWriterNotStarted as exc:
+            await self._pages.close()
+            self._pages = self._fall_back(exc)
+            return await getattr(self._pages, kind)(work)  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self._pages.close()
+
+
+# -- the child's side --------------------------------------------------------------------
+
+
+class ParentGone(Exception):
+    """The parent closed its end (it went, or gave up on this page) before the commit."""
 
 
 def main(descriptor: int) -> int:
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):  # first: the imports below take a while
-        signal.signal(stop_signal, signal.SIG_IGN)
-    connection = Connection(descriptor)
+    ignore_stop_signals()  # first: the imports below take a while
+    connection = socket.socket(fileno=descriptor)
     try:
-        config: WriterConfig = connection.recv()
-    except EOFError:
+        config: WriterConfig = read_frame(connection)
+    except (EOFError, OSError):
         return 0  # the parent went before it sent the configuration
-    # imported here: the parent's side needs none of it
-    import reconciler.reconcile  # noqa: F401  (what the works are made of: imported before "ready")
-    from pacrecon.logs import configure_logging
-    from storage.sql_ledger import SqlLedger
+    # imported here: the parent's side needs none of it (and what the works are made of,
+    # imported before "ready")
+    import reconciler.reconcile  # noqa: F401
 
-    configure_logging(config.log_level, config.log_format, list(config.secrets))
-    ledger = SqlLedger.from_url(config.database_url, lock_timeout_ms=config.lock_timeout_ms)
-    gc.freeze()  # what start-up made lives as long as the process: the collector need not walk it again
+    ledger = open_ledger(config)
     try:
-        connection.send(("ready", os.getpid()))
+        connection.sendall(frame(("ready", os.getpid())))
         while True:
             try:
-                message = connection.recv_bytes()
+                kind, work = read_frame(connection)
             except EOFError:
                 return 0  # the parent is done, or gone
-            connection.send(_outcome(ledger, message))
+            connection.sendall(frame(_outcome(ledger, connection, kind, work)))
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the parent is gone: nothing this child did was waited for
     finally:
         ledger.close()
 
 
-def _outcome(ledger: SqlLedger, message: bytes) -> tuple[str, Any]:
+def _outcome(ledger: SqlLedger, connection: socket.socket, kind: str, work: Work[Any]) -> tuple[str, Any]:
     try:
-        kind, work = pickle.loads(message)
         if kind == "read":
             return "done", ledger.read_sync(work)
-        [(error, result)] = ledger.commit_here([work])
+        [(error, result)] = ledger.commit_here([_while_parent_waits(work, connection)])
         if error is not None:
             raise error
         return "done", result
     except DATABASE_TROUBLE as exc:
         return "unavailable", f"{exc}"[:2000]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (told to the parent, which fails the pass with it)
         return "failed", f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _while_parent_waits(work: Work[T], connection: socket.socket) -> Work[T]:
+    """`work`, then a look at the socket: raises ParentGone (the page is rolled back) when
+    the parent has closed its end. The parent sends nothing while it waits for an answer,
+    so anything to read is its end closing."""
+
+    def guarded(session: LedgerSession) -> T:
+        result = work(session)
+        try:
+            ended = connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            ended = False
+        except OSError:  # ECONNRESET
+            ended = True
+        if ended:
+            raise ParentGone("the parent closed its end before the commit: the page is rolled back")
+        return result
+
+    return guarded
 
 
 if __name__ == "__main__":

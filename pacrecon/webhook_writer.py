@@ -8,9 +8,9 @@ answer, took longer. Here the HTTP side and the SQL side each have a core's wort
 Python. The cost: a second interpreter with the ledger's code (~58 MB) and a slower start;
 hence an option (PACRECON_WEBHOOK_WRITER=process), not the default.
 
-Protocol, over a socketpair, frames of a 4-byte big-endian length and a pickle (it only
-ever crosses between these two processes; the body travels as bytes inside it). After the
-first message each way, a frame is a list: whatever one side writes at once, pickled once.
+Protocol, over a socketpair, `pacrecon.writer_child`'s frames (the body travels as bytes
+inside them). After the first message each way, a frame is a list: whatever one side
+writes at once, pickled once.
   parent -> child: a `WriterConfig` once, then lists of (job, raw body, signature timestamp,
   received at)
   child -> parent: ("ready", pid) once, then lists of (job, "stored", `Stored` fields) once
@@ -33,16 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
-import pickle
-import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -51,6 +46,17 @@ import structlog
 
 from receiver.stored import Stored
 from reconciler.errors import InvalidEvent
+from pacrecon.writer_child import (
+    START_SECONDS,
+    STOP_SECONDS,
+    WriterConfig,
+    frame,
+    frames,
+    ignore_stop_signals,
+    open_ledger,
+    spawn,
+    wait_or_kill,
+)
 from storage.errors import StorageUnavailable
 from storage.group_commit import wait_within
 from storage.vocabulary import EventOutcome
@@ -61,56 +67,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pacrecon.webhook_writer")
 
-_HEADER = struct.Struct(">I")
-START_SECONDS = 30.0  # from spawning the child to its "ready" (it opens the database)
-STOP_SECONDS = 30.0  # for the child to commit what it holds and exit, once told to
 RESTART_FIRST_SECONDS, RESTART_MAX_SECONDS = 0.5, 30.0
 # frames go to the child at the end of each turn of the event loop, or as soon as this many
 # wait: the child starts committing the first of a burst while the loop still reads the
 # rest (measured: 16 gave 1.13-1.16x the peak of once a turn, 8 and 32 less; bench/RESULTS.md)
 FLUSH_EVERY = 16
-
-
-@dataclass(frozen=True)
-class WriterConfig:
-    database_url: str
-    lock_timeout_ms: int
-    log_level: str
-    log_format: str | None
-    secrets: tuple[str, ...]  # for the child's log scrubber, as the daemon's
-
-    @classmethod
-    def of(cls, settings: Settings) -> WriterConfig:
-        """What a writer process (this one, or `pacrecon.page_writer`'s) needs of the settings."""
-        return cls(
-            database_url=settings.database_url,
-            lock_timeout_ms=settings.lock_timeout_ms,
-            log_level=settings.log_level,
-            log_format=settings.log_format,
-            secrets=tuple(settings.secret_values()),
-        )
-
-    def __repr__(self) -> str:  # never the URL (it may hold a password) or the secrets
-        return f"WriterConfig(log_level={self.log_level!r})"
-
-
-def _frame(message: Any) -> bytes:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(payload)) + payload
-
-
-def _frames(buffer: bytearray) -> list[Any]:
-    """The whole frames at the start of `buffer`, unpickled; they are cut off it."""
-    messages, offset = [], 0
-    while len(buffer) - offset >= _HEADER.size:
-        (size,) = _HEADER.unpack_from(buffer, offset)
-        end = offset + _HEADER.size + size
-        if len(buffer) < end:
-            break
-        messages.append(pickle.loads(bytes(buffer[offset + _HEADER.size : end])))
-        offset = end
-    del buffer[:offset]
-    return messages
 
 
 # -- the daemon's side -----------------------------------------------------------------
@@ -152,22 +113,7 @@ class ProcessRecorder:
 
     def spawn(self) -> None:
         """Start a child and hand it its configuration; StorageUnavailable if it cannot be."""
-        parent_end, child_end = socket.socketpair()
-        try:
-            # a session of its own: a terminal's Ctrl-C for the daemon's group never reaches it,
-            # not even before it has set its signals aside (a service manager's SIGTERM to the
-            # whole unit still can: it ignores that once started)
-            self._child = subprocess.Popen(
-                [sys.executable, "-m", "pacrecon.webhook_writer", str(child_end.fileno())],
-                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-            parent_end.sendall(_frame(self._config))  # small: the socket's buffer holds it
-        except OSError as exc:
-            parent_end.close()
-            raise StorageUnavailable(f"the webhook writer process could not be started: {exc.strerror or exc}") from None
-        finally:
-            child_end.close()
-        self._socket = parent_end
+        self._child, self._socket = spawn("pacrecon.webhook_writer", "webhook writer process", self._config)
 
     def wait_until_ready(self) -> None:
         """Block until the spawned child says it is ready (before the event loop runs);
@@ -176,7 +122,7 @@ class ProcessRecorder:
         self._socket.settimeout(START_SECONDS)
         buffer = bytearray()
         try:
-            while not (messages := _frames(buffer)):
+            while not (messages := frames(buffer)):
                 chunk = self._socket.recv(4096)
                 if not chunk:
                     raise StorageUnavailable("the webhook writer process exited before it was ready")
@@ -219,7 +165,7 @@ class ProcessRecorder:
         if self._socket is not None:
             self._socket.close()
         if self._child is not None:
-            _wait_or_kill(self._child, STOP_SECONDS)
+            wait_or_kill(self._child, STOP_SECONDS)
 
     async def record(self, raw_body: bytes, signature_timestamp: int, received_at: float) -> Stored:
         if not self._up:
@@ -253,7 +199,7 @@ class ProcessRecorder:
     def _write_out(self) -> None:
         out, self._out = self._out, []
         if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(_frame(out))
+            self._transport.write(frame(out))
         # else: nothing waits, or the child is gone and `_lost` answers every waiting webhook
 
     def _late(self) -> StorageUnavailable:
@@ -322,7 +268,7 @@ class ProcessRecorder:
         child = self._child
         if child is None:
             return None
-        code = await asyncio.to_thread(_wait_or_kill, child, timeout)
+        code = await asyncio.to_thread(wait_or_kill, child, timeout)
         log.info("webhook_writer_exited", pid=child.pid, exit_code=code)
         return code
 
@@ -340,15 +286,6 @@ class ProcessRecorder:
         await self._reap(timeout=STOP_SECONDS)
 
 
-def _wait_or_kill(child: subprocess.Popen[bytes], timeout: float) -> int:
-    """The child's exit status, waited for `timeout` seconds, then killed."""
-    try:
-        return child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        return child.wait()
-
-
 class _Replies(asyncio.Protocol):
     def __init__(self, owner: ProcessRecorder) -> None:
         self._owner = owner
@@ -356,7 +293,7 @@ class _Replies(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        for message in _frames(self._buffer):
+        for message in frames(self._buffer):
             self._owner._replies(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -386,7 +323,7 @@ def _batches(connection: socket.socket) -> Iterator[list[Any]]:
                 closed = True
                 break
             buffer += chunk
-        messages = _frames(buffer)
+        messages = frames(buffer)
         if messages:
             yield messages
         if closed:
@@ -413,13 +350,11 @@ def main(descriptor: int) -> int:
     as one batch (group commit: one fsync), answer them in one write. While it commits,
     the next batch gathers in the socket. No thread hands work to another here, so no
     turn at the GIL is ever waited for."""
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):  # first: the imports below take a while
-        signal.signal(stop_signal, signal.SIG_IGN)
+    ignore_stop_signals()  # first: the imports below take a while
     # imported here: the daemon's side needs none of it
-    from pacrecon.logs import configure_logging
     from reconciler.apply import RecordEvent
     from reconciler.events import parse_event
-    from storage.sql_ledger import MAX_BATCH, SqlLedger
+    from storage.sql_ledger import MAX_BATCH
 
     connection = socket.socket(fileno=descriptor)
     batches = _batches(connection)
@@ -427,11 +362,9 @@ def main(descriptor: int) -> int:
     if first is None:
         return 0  # the daemon went before it sent the configuration
     config: WriterConfig = first[0]  # nothing else comes before "ready" is sent
-    configure_logging(config.log_level, config.log_format, list(config.secrets))
-    ledger = SqlLedger.from_url(config.database_url, lock_timeout_ms=config.lock_timeout_ms)
-    gc.freeze()  # what start-up made lives as long as the process: the collector need not walk it again
+    ledger = open_ledger(config)
     try:
-        connection.sendall(_frame(("ready", os.getpid())))
+        connection.sendall(frame(("ready", os.getpid())))
         for messages in batches:
             out: list[tuple[Any, ...]] = []
             jobs: list[int] = []
@@ -452,10 +385,10 @@ def main(descriptor: int) -> int:
                 outcomes = ledger.commit_here(works[start : start + MAX_BATCH])
                 batch = zip(jobs[start : start + MAX_BATCH], works[start : start + MAX_BATCH], outcomes, strict=True)
                 out += [_reply(job, work.event, outcome) for job, work, outcome in batch]
-                connection.sendall(_frame(out))  # each committed batch answered at once
+                connection.sendall(frame(out))  # each committed batch answered at once
                 out = []
             if out:
-                connection.sendall(_frame(out))
+                connection.sendall(frame(out))
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon is gone: nothing was acknowledged to anyone
     finally:

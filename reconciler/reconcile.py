@@ -137,17 +137,15 @@ class Reconciler:
         foreground_busy: Callable[[], bool] | None = None,
         yield_share: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
-        page_process: Callable[[], PageWriter] | None = None,
-        page_process_always: bool = False,
+        pages_for: Callable[[bool], PageWriter] | None = None,
     ) -> None:
         """`foreground_busy`: whether the daemon's webhooks need the process now (they share its
         event loop, its GIL and its database with the pass); the pass then waits, for at most
-        `yield_share` of its time (`reconciler.give_way`). `page_process`: starts the writer
-        of a pass's pages when its first page is full (`pacrecon.page_writer`, a child process),
-        or whenever it has a page with `page_process_always`; otherwise, and without it, the
-        ledger's own writer writes them."""
+        `yield_share` of its time (`reconciler.give_way`). `pages_for(full)`: the writer of a
+        pass's pages, chosen at its first page (is it full?); without it, the ledger's own
+        writer writes them."""
         self.ledger, self.client = ledger, client
-        self.page_process, self.page_process_always = page_process, page_process_always
+        self.pages_for = pages_for
         self.foreground_busy, self.yield_share, self.monotonic = foreground_busy, yield_share, monotonic
         self.stale_after = timedelta(seconds=stale_after_seconds)
         self.stuck_after = timedelta(seconds=stuck_after_seconds)
@@ -256,7 +254,8 @@ class Reconciler:
                     return opened + await writing.counted()
                 if pages is None:
                     # chosen now, so that a child's start overlaps the first page's lookups
-                    pages = self._pages(full=len(page) >= self.page_size)
+                    full = len(page) >= self.page_size
+                    pages = self.pages_for(full) if self.pages_for is not None else LedgerPages(self.ledger)
                 after = (page[-1][2], page[-1][0])
                 anchors = {anchor for _, anchor, _ in page if anchor and anchor not in answers}
                 looked_up = await self._look_up(anchors, throttle, summary, give_way)
@@ -278,15 +277,11 @@ class Reconciler:
                 await give_way()
                 writing.start(pages.read(work) if summary.dry_run else pages.write(work))
         finally:
-            await writing.settled()  # leaving early: the page being written is counted if it was
-            if pages is not None:
-                await pages.close()
-
-    def _pages(self, full: bool) -> PageWriter:
-        """A pass of less than a page writes in-process: a child's start (~1 s of CPU) would cost more than it saves."""
-        if self.page_process is not None and (full or self.page_process_always):
-            return self.page_process()
-        return LedgerPages(self.ledger)
+            try:
+                await writing.settled()  # leaving early: the page being written is counted if it was
+            finally:  # also when cancelled again meanwhile
+                if pages is not None:
+                    await pages.close()
 
     async def _look_up(self, anchors: set[str], throttle: Throttle, summary: PassSummary, give_way: GiveWay) -> dict[str, Lookup]:
         summary.looked_up += len(anchors)

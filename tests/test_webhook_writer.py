@@ -20,7 +20,10 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from pacrecon.webhook_writer import ProcessRecorder, WriterConfig, _frame, _frames
+from pacrecon.webhook_writer import ProcessRecorder
+from pacrecon.writer_child import WriterConfig
+from pacrecon.writer_child import frame as _frame
+from pacrecon.writer_child import frames as _frames
 from reconciler.errors import InvalidEvent
 from storage.engine import make_engine
 from storage.errors import StorageUnavailable
