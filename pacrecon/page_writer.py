@@ -15,9 +15,10 @@ Protocol, over a socketpair, `pacrecon.writer_child`'s frames, one request at a 
   why) for the database's trouble, or ("failed", why) for anything else.
 The child ignores SIGTERM and SIGINT and has a session of its own (a stopping daemon ends
 its pass after the page in hand, which the child must finish); it exits when the parent
-closes its end, or dies. A page is committed only while the parent still waits for it: the
-child looks for the end of its socket between the page's work and its commit, and rolls the
-page back if the parent has gone (its pass lock went with it). A child that does not answer
+closes its end, or dies. Just before a page's commit the child checks that the parent still
+waits for it (the end of its socket, between the page's work and its COMMIT) and rolls the
+page back if the parent has gone (its pass lock went with it); a parent dying during the
+COMMIT itself is not seen. A child that does not answer
 within the deadline is killed: the page it held is rolled back with its connection, or was
 committed, and the next pass sees which.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -105,16 +107,19 @@ class ProcessPages:
 
     def _end(self) -> None:
         """The child reads EOF, at once: no lock, so a request still in flight (a pass leaving
-        without waiting for its page) fails now, and the child rolls that page back."""
+        without waiting for its page) fails now, and the child rolls that page back. Only
+        shut down here: the descriptor is closed under the lock (`_reap`), never while a
+        worker thread may still use its number."""
         if not self._closed:
             self._closed = True
             try:
                 self._socket.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # the child has gone already
-            self._socket.close()
 
     def _reap(self) -> int:
+        with self._lock:  # the request in flight, if any, has failed by now (shut down)
+            self._socket.close()
         code = wait_or_kill(self._child, STOP_SECONDS)
         if code != 0:
             log.warning("page_writer_exited", pid=self._child.pid, exit_code=code)
@@ -150,6 +155,8 @@ class ProcessPages:
             raise self._gone(f"its connection broke ({type(exc).__name__})", gone) from None
 
     def _gone(self, why: str, gone: type[PageWriterGone]) -> PageWriterGone:
+        if self._closed:  # closed meanwhile: the pass has left, and its page is to be written nowhere
+            gone = PageWriterGone
         try:
             code: int | None = self._child.wait(1.0)  # a child that died has its exit code by now
         except subprocess.TimeoutExpired:
@@ -168,6 +175,7 @@ class PagesOrInProcess:
 
     def __init__(self, start: Callable[[], ProcessPages], in_process: PageWriter) -> None:
         self._in_process = in_process
+        self._closing = False
         self._pages: PageWriter
         try:
             self._pages = start()
@@ -188,11 +196,14 @@ class PagesOrInProcess:
         try:
             return await getattr(self._pages, kind)(work)  # type: ignore[no-any-return]
         except PageWriterNotStarted as exc:
+            if self._closing:  # the pass has left: its page is written nowhere
+                raise
             await self._pages.close()
             self._pages = self._fall_back(exc)
             return await getattr(self._pages, kind)(work)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
+        self._closing = True
         await self._pages.close()
 
 
@@ -222,6 +233,10 @@ def main(descriptor: int) -> int:
                 kind, work = read_frame(connection)
             except EOFError:
                 return 0  # the parent is done, or gone
+            except (pickle.UnpicklingError, AttributeError, ImportError, TypeError, ValueError) as exc:
+                # read whole, so the stream is still in step: this request fails, the child goes on
+                connection.sendall(frame(("failed", f"the work could not be read: {type(exc).__name__}: {exc}"[:2000])))
+                continue
             connection.sendall(frame(_outcome(ledger, connection, kind, work)))
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the parent is gone: nothing this child did was waited for

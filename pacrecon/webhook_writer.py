@@ -5,8 +5,9 @@ Why a process: under webhook load the one GIL was the limit. The ledger's writer
 needed about half the event loop's CPU per webhook again (bench/RESULTS.md), and each of
 its turns at the GIL waited for the loop's, so every commit cycle, and with it every
 answer, took longer. Here the HTTP side and the SQL side each have a core's worth of
-Python. The cost: a second interpreter with the ledger's code (~58 MB) and a slower start;
-hence an option (PACRECON_WEBHOOK_WRITER=process), not the default.
+Python. The cost: a second interpreter with the ledger's code (66-84 MB measured,
+bench/RESULTS.md) and a slower start. It is the default (PACRECON_WEBHOOK_WRITER=process);
+`thread` keeps one process.
 
 Protocol, over a socketpair, `pacrecon.writer_child`'s frames (the body travels as bytes
 inside them). After the first message each way, a frame is a list: whatever one side
@@ -44,8 +45,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from receiver.stored import Stored
-from reconciler.errors import InvalidEvent
 from pacrecon.writer_child import (
     START_SECONDS,
     STOP_SECONDS,
@@ -57,6 +56,8 @@ from pacrecon.writer_child import (
     spawn,
     wait_or_kill,
 )
+from receiver.stored import Stored
+from reconciler.errors import InvalidEvent
 from storage.errors import StorageUnavailable
 from storage.group_commit import wait_within
 from storage.vocabulary import EventOutcome
@@ -113,6 +114,7 @@ class ProcessRecorder:
 
     def spawn(self) -> None:
         """Start a child and hand it its configuration; StorageUnavailable if it cannot be."""
+        self._child = None  # the one before was reaped; a failed start leaves none to reap again
         self._child, self._socket = spawn("pacrecon.webhook_writer", "webhook writer process", self._config)
 
     def wait_until_ready(self) -> None:

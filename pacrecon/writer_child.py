@@ -121,8 +121,9 @@ def spawn(module: str, what: str, config: WriterConfig) -> tuple[subprocess.Pope
     try:
         parent_end.sendall(frame(config))  # small: the socket's buffer holds it
     except OSError as exc:
-        parent_end.close()  # the child reads EOF and exits
-        wait_or_kill(child, 1.0)
+        parent_end.close()
+        child.kill()  # reaped at once: the caller may be the event loop
+        child.wait()
         raise StorageUnavailable(f"the {what} could not be started: {exc.strerror or exc}") from None
     return child, parent_end
 

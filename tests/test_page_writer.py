@@ -200,12 +200,27 @@ def sqlite_url(tmp_path: Path) -> str:
     return migrated_sqlite_url(tmp_path / "pages.db")
 
 
-def test_a_work_that_raises_is_told_and_the_child_goes_on(sqlite_url: str) -> None:
+def _refuse_to_load() -> None:
+    raise ValueError("this work cannot be read here")
+
+
+class Unreadable:
+    """A work that pickles, and fails to unpickle in the child."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ())
+
+
+@pytest.mark.parametrize(("work", "told"), [
+    (methodcaller("no_such_method"), "AttributeError: .*no_such_method"),
+    (Unreadable(), "could not be read: ValueError: this work cannot be read here"),
+], ids=["raises", "unreadable"])
+def test_a_work_that_fails_in_the_child_is_told_and_the_child_goes_on(sqlite_url: str, work: Any, told: str) -> None:
     async def scenario() -> None:
         pages = ProcessPages(config(sqlite_url), deadline_seconds=30)
         try:
-            with pytest.raises(PageWriteFailed, match="AttributeError: .*no_such_method"):
-                await pages.write(methodcaller("no_such_method"))
+            with pytest.raises(PageWriteFailed, match=told):
+                await pages.write(work)
             assert await pages.read(methodcaller("count_open_discrepancies")) == 0
         finally:
             assert await asyncio.to_thread(pages.close_sync) == 0
@@ -368,6 +383,50 @@ def test_a_close_while_a_page_is_in_the_child_fails_that_write_at_once_and_rolls
     finally:
         lock.close()
     assert _open_discrepancies(sqlite_url) == 0
+
+
+@pytest.mark.parametrize(("mode", "page_in_child"), [("process", True), ("auto", False)],
+                         ids=["page-in-the-child", "auto-child-not-yet-ready"])
+def test_a_pass_cancelled_twice_while_its_page_is_in_the_child_closes_and_reaps_it(ledger: SqlLedger, sandbox: SandboxProcess,
+                                                                                   upstream: httpx.Client, recorded: list[Recorded],
+                                                                                   mode: str, page_in_child: bool) -> None:
+    """The daemon stopping hard: the pass cancelled while its page is with the child, then
+    again while it waits for that page. The child is still told to go and is reaped, and
+    the page, which no one waits for any more, is written nowhere: not committed by the
+    child, nor (auto, the child not yet ready) by this process instead."""
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("the page is held back by SQLite's write lock")
+    ids = imported(ledger, upstream, 4, "cust_cancelled_twice")
+    upstream.post("/_sandbox/flush").raise_for_status()
+    locks: list[Any] = []
+
+    async def scenario(client: PacSpaceClient) -> None:
+        reconciler = Reconciler(ledger, client, stale_after_seconds=0, stuck_after_seconds=3600, concurrency=4, page_size=4,
+                                pages_for=writers_of(ledger, mode))
+        task = asyncio.ensure_future(reconciler.run_pass())
+        while not recorded:  # the child is started at the first page; it gets ready in about a second
+            await asyncio.sleep(0.005)
+        locks.append(_locked(database_url_of(ledger)))  # before the page reaches it
+        while not recorded[0].writes:
+            await asyncio.sleep(0.01)
+        # the page in the child (ready, then waiting for the lock), or still waiting for it to be ready
+        await asyncio.sleep(1.5 if page_in_child else 0.05)
+        assert recorded[0]._ready is page_in_child
+        task.cancel()
+        await asyncio.sleep(0.2)  # the pass now waits for its page
+        task.cancel()
+        await asyncio.sleep(0.2)
+        locks[0].rollback()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(_with_client(sandbox, scenario))
+    finally:
+        for lock in locks:
+            lock.close()
+    assert recorded[0]._child.returncode == 0
+    assert statuses(ledger, ids) == ["QUEUED"] * 4
 
 
 def _alive(pid: int) -> bool:
