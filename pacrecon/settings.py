@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     # "thread": by the daemon's own ledger writer thread (one process). bench/RESULTS.md
     webhook_writer: Literal["thread", "process"] = "process"
     # where a reconciliation pass writes its pages: "auto", a child process for a pass of a
-    # full page (200 stale deltas) or more (its own GIL: on SQLite the pass took 15-30 % less
-    # time, for ~79 MB while it runs) and the ledger's writer thread for a smaller one or when
+    # full page (200 stale deltas) or more (its own GIL: on SQLite the pass took 12-37 % less
+    # time, for 77-81 MB while it runs) and the ledger's writer thread for a smaller one or when
     # the child cannot start; "process" always a child, "thread" never. pacrecon.page_writer,
     # pacrecon.app.page_writers, bench/RESULTS.md
     reconcile_writer: Literal["auto", "process", "thread"] = "auto"
