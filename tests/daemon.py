@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,20 @@ def stored_events(database_url: str, event_id: str) -> int:
         count = connection.execute(text("SELECT count(*) FROM webhook_event WHERE event_id = :e"), {"e": event_id}).scalar_one()
     engine.dispose()
     return int(count)
+
+
+def alive(pid: int) -> bool:
+    """Process `pid` runs: not gone, not a zombie (gone for our purpose, its parent has not
+    reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    """Until `check()` holds; fails the test after `seconds`, saying `what` did not happen."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.02)

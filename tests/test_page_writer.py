@@ -34,7 +34,7 @@ from storage.engine import make_engine
 from storage.errors import StorageUnavailable
 from storage.sql_ledger import SqlLedger
 from tests.conftest import migrated_sqlite_url
-from tests.daemon import SandboxProcess, free_port
+from tests.daemon import SandboxProcess, alive, free_port, wait_for
 from tests import test_reconcile
 from tests.test_reconcile import _with_client, imported, open_kinds, statuses, through_outbox
 
@@ -304,20 +304,13 @@ def _parent(url: str, then: str) -> tuple[subprocess.Popen[str], int]:
     return parent, int(parent.stdout.readline())  # type: ignore[union-attr]
 
 
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not _alive(pid)
-
-
 def test_the_child_goes_when_its_parent_dies(sqlite_url: str) -> None:
     parent, child = _parent(sqlite_url, "idle")
     try:
-        assert _alive(child)
+        assert alive(child)
         parent.kill()
         parent.wait()
-        assert _gone_within(child, 10)
+        wait_for(lambda: not alive(child), 10, "the child to leave after its parent died")
     finally:
         parent.kill()
 
@@ -343,10 +336,10 @@ def test_a_page_is_committed_only_while_its_parent_waits_for_it(sqlite_url: str,
             parent.kill()
             parent.wait()
             time.sleep(0.5)
-            assert _alive(child)  # it holds the page (a child with nothing in hand leaves at once on EOF)
+            assert alive(child)  # it holds the page (a child with nothing in hand leaves at once on EOF)
         lock.rollback()
         if parent_dies:
-            assert _gone_within(child, 20)
+            wait_for(lambda: not alive(child), 20, "the child to leave once it rolled its page back")
             assert _open_discrepancies(sqlite_url) == 0
         else:
             assert int(parent.stdout.readline()) > 0 and parent.wait(20) == 0  # type: ignore[union-attr]
@@ -427,15 +420,6 @@ def test_a_pass_cancelled_twice_while_its_page_is_in_the_child_closes_and_reaps_
             lock.close()
     assert recorded[0]._child.returncode == 0
     assert statuses(ledger, ids) == ["QUEUED"] * 4
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (an orphan is reaped by init; this test's child is not ours)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_pacspace_error_crosses_to_the_child_whole() -> None:

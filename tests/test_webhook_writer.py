@@ -13,7 +13,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,31 +28,13 @@ from storage.engine import make_engine
 from storage.errors import StorageUnavailable
 
 from tests.conftest import migrated_sqlite_url
-from tests.daemon import Daemon, stored_events
+from tests.daemon import Daemon, alive, stored_events, wait_for
 from tests.webhooks import envelope, sign
-
-
-def _wait(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        time.sleep(0.02)
 
 
 def _writer_pids(daemon: Daemon) -> list[int]:
     """The writer processes the daemon said were ready, oldest first."""
     return [int(e["pid"]) for e in daemon.log_events() if e.get("event") == "webhook_writer_ready"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purpose (its parent has not reaped it yet)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _post(daemon: Daemon, body: dict[str, object] | bytes) -> httpx.Response:
@@ -66,7 +47,7 @@ def test_a_killed_writer_process_loses_nothing_acknowledged_and_is_replaced(tmp_
     daemon = Daemon(url, tmp_path, PACRECON_WEBHOOK_WRITER="process").start()
     try:
         first = _writer_pids(daemon)
-        assert len(first) == 1 and _alive(first[0])
+        assert len(first) == 1 and alive(first[0])
         answers: list[tuple[str, int, dict[str, object]]] = []
         stop = threading.Event()
 
@@ -84,15 +65,15 @@ def test_a_killed_writer_process_loses_nothing_acknowledged_and_is_replaced(tmp_
         for sender in senders:
             sender.start()
         try:
-            _wait(lambda: len(answers) >= 200, 30, "200 webhooks answered before the kill")
+            wait_for(lambda: len(answers) >= 200, 30, "200 webhooks answered before the kill")
             os.kill(first[0], signal.SIGKILL)
             readiness: list[int] = []
-            _wait(lambda: readiness.append(httpx.get(f"{daemon.url}/readyz", timeout=5).status_code) or readiness[-1] == 503, 5,
+            wait_for(lambda: readiness.append(httpx.get(f"{daemon.url}/readyz", timeout=5).status_code) or readiness[-1] == 503, 5,
                   "/readyz failing while the writer is gone")
-            _wait(lambda: len(_writer_pids(daemon)) == 2, 30, "a new writer process")
-            _wait(lambda: httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200, 10, "/readyz back")
+            wait_for(lambda: len(_writer_pids(daemon)) == 2, 30, "a new writer process")
+            wait_for(lambda: httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200, 10, "/readyz back")
             settled = len(answers)
-            _wait(lambda: len(answers) >= settled + 200, 30, "200 more webhooks answered by the new writer")
+            wait_for(lambda: len(answers) >= settled + 200, 30, "200 more webhooks answered by the new writer")
         finally:
             stop.set()
             for sender in senders:
@@ -114,7 +95,7 @@ def test_a_killed_writer_process_loses_nothing_acknowledged_and_is_replaced(tmp_
         assert "Traceback" not in daemon.log_text()
     finally:
         assert daemon.stop() == 0
-    assert not any(_alive(pid) for pid in _writer_pids(daemon)), "a writer process outlived the daemon"
+    assert not any(alive(pid) for pid in _writer_pids(daemon)), "a writer process outlived the daemon"
 
 
 def test_the_writer_process_ignores_group_signals_and_leaves_with_the_daemon(tmp_path: Path) -> None:
@@ -125,11 +106,11 @@ def test_the_writer_process_ignores_group_signals_and_leaves_with_the_daemon(tmp
     os.kill(writer, signal.SIGTERM)
     os.kill(writer, signal.SIGINT)
     time.sleep(0.3)
-    assert _alive(writer)
+    assert alive(writer)
     body = envelope(data={"recordId": "a_after_signals"})
     assert _post(daemon, body).json() == {"status": "recorded"}
     assert daemon.stop() == 0
-    assert not _alive(writer)
+    assert not alive(writer)
     assert stored_events(url, str(body["id"])) == 1
     assert any(e.get("event") == "webhook_writer_exited" and e.get("exit_code") == 0 for e in daemon.log_events())
 
@@ -143,7 +124,7 @@ def test_the_writer_process_does_not_outlive_a_killed_daemon(tmp_path: Path) -> 
     assert daemon.process is not None
     daemon.process.kill()
     daemon.process.wait(10)
-    _wait(lambda: not _alive(writer), 10, "the writer process to leave after the daemon was killed")
+    wait_for(lambda: not alive(writer), 10, "the writer process to leave after the daemon was killed")
     assert stored_events(url, str(body["id"])) == 1
 
 
