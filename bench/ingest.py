@@ -11,6 +11,8 @@ fixed-rate open-loop run (bench/openloop.c, built with gcc into the run's work d
 run as its own process) drives each daemon at 80 % of the peak it reached in that round: this
 host's speed drifts by 2x within minutes, and 80 % of a peak measured minutes earlier can be
 more than the daemon can do by then. The p99 target is read as the median of those rounds.
+The bare app runs open-loop at 80 % of its own round's peak as well: what this host and this
+generator allow a server that does nothing at that share of its peak.
 After the rounds, one open-loop run at 80 % of each daemon's median peak, and of the SQLite
 rate against the bare app to show the generator keeps up; each open-loop run also reports the
 generator's own CPU per request.
@@ -22,7 +24,9 @@ PostgreSQL server and wrk itself.
 With --process-writer-only, only those. With --baseline-code DIR, every daemon has a twin
 running DIR's code (`<target>_baseline`, PYTHONPATH=DIR ahead of this checkout), driven in the
 same rounds and also open-loop at its twin's rate (`<target>_baseline_at_twin_rate`): two
-versions of the code compared in one run, on this noisy host, as bench/reconcile.py does.
+versions of the code compared in one run, on this noisy host, as bench/reconcile.py does; the
+bare app gets a twin too (`bare_baseline`: DIR's `serve_app`, its uvicorn settings), and each
+baseline daemon's ratio is taken against it.
 Every body is a unique delta.verified event. After the runs each daemon is SIGKILLed and
 its ledger counted: every 2xx must be a row ("recorded"); wrk abandons the requests in flight
 when its time is up, so rows may exceed 2xx by at most those.
@@ -68,11 +72,13 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 class BareApp:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, code: Path | None = None) -> None:
+        """`code`: another checkout whose `serve_app` serves it (PYTHONPATH ahead of this one)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = (workdir / "bare.log").open("wb")
-        self.process = subprocess.Popen([sys.executable, str(HERE / "bare_app.py"), str(self.port)], stdout=self.log, stderr=self.log)
+        self.log = (workdir / ("bare.log" if code is None else "bare_baseline.log")).open("wb")
+        env = os.environ if code is None else {**os.environ, "PYTHONPATH": str(code.resolve())}
+        self.process = subprocess.Popen([sys.executable, str(HERE / "bare_app.py"), str(self.port)], stdout=self.log, stderr=self.log, env=env)
         wait_ready(self.url)
 
     def stop(self) -> None:
@@ -246,8 +252,11 @@ def main() -> None:
             else:
                 name, databases[backend] = create_pg_database(args.database_url)
                 stack.callback(drop_pg_database, args.database_url, name)
-        bare = BareApp(work)
-        stack.callback(bare.stop)
+        bares = {"bare": BareApp(work)}
+        if args.baseline_code is not None:  # the baseline code's uvicorn settings too
+            bares["bare_baseline"] = BareApp(work, args.baseline_code)
+        for bare in bares.values():
+            stack.callback(bare.stop)
         daemons: dict[str, Daemon] = {}
         for backend, url in databases.items():
             settings = {"PACRECON_WEBHOOK_WRITER": "process" if "_process" in backend else "thread"}
@@ -255,30 +264,34 @@ def main() -> None:
                 settings["PYTHONPATH"] = str(args.baseline_code.resolve())  # ahead of this checkout's editable install
             daemons[backend] = Daemon(url, work / backend if (work / backend).mkdir() is None else work, **settings).start()
             stack.callback(daemons[backend].stop)
-        targets: dict[str, tuple[str, int]] = {"bare": (bare.url, bare.port), **{b: (d.url, d.port) for b, d in daemons.items()}}
+        targets: dict[str, tuple[str, int]] = {**{t: (a.url, a.port) for t, a in bares.items()}, **{b: (d.url, d.port) for b, d in daemons.items()}}
 
         next_id = 0
         peaks: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
-        round_openloop: dict[str, list[dict[str, float]]] = {t: [] for t in daemons}
+        round_openloop: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
         # warm-up: imports, connection pools, the first pages of the database files
         bodies = work / "bodies.tsv"
         write_bodies(bodies, next_id, WARMUP_BODIES)
         next_id += WARMUP_BODIES
         warm = {t: run_wrk(url, bodies, 2) for t, (url, _) in targets.items()}
         print(json.dumps({"warmup": {t: round(w["rps"]) for t, w in warm.items()}}), flush=True)
-        size = int(max(w["rps"] for w in warm.values()) * args.seconds * 1.6) + 5_000
         for round_ in range(args.rounds):
+            # room for the fastest target so far to double its pace (this host's speed drifts 2x)
+            fastest = max([w["rps"] for w in warm.values()] + [p["rps"] for runs in peaks.values() for p in runs])
+            size = int(fastest * args.seconds * 2) + 5_000
             write_bodies(bodies, next_id, size)  # the same bodies for every target of this round
             next_id += size
             for target, (url, _) in targets.items():
-                pid = bare.process.pid if target == "bare" else daemons[target].process.pid  # type: ignore[union-attr]
+                pid = bares[target].process.pid if target in bares else daemons[target].process.pid  # type: ignore[union-attr]
                 before = (thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times(), cpu_seconds(children_of(pid)))
                 result = run_wrk(url, bodies, args.seconds)
                 result["loadavg"] = os.getloadavg()[0]
                 result["cpu_us_per_request"] = cpu_per_request(before, pid, result["requests"])
                 peaks[target].append(result)
                 print(json.dumps({"round": round_, "target": target, **{k: result[k] for k in ("rps", "p50_us", "p99_us", "ok2xx", "other", "unanswered", "cpu_us_per_request")}}), flush=True)
-            for target in daemons:  # each at 80 % of the peak it reached a moment ago
+            # each at 80 % of the peak it reached a moment ago; the bare app too, to show what this
+            # host and generator allow any server at that share of its peak
+            for target in targets:
                 rate = 0.8 * peaks[target][-1]["rps"]
                 count = int(rate * args.openloop_seconds) + 1
                 write_bodies(bodies, next_id, count)
@@ -299,8 +312,19 @@ def main() -> None:
                     part: round(statistics.median(r["cpu_us_per_request"][part] for r in runs), 1) for part in runs[0]["cpu_us_per_request"]
                 },
             }
-        for backend in daemons:
-            ratios = [b["rps"] / a["rps"] for a, b in zip(peaks["bare"], peaks[backend])]
+        for backend in targets:
+            if backend in bares:
+                runs = round_openloop[backend]
+                summary[backend]["openloop_80_percent_of_round_peak"] = {
+                    "rate_per_round": [round(r["offered_rate"]) for r in runs],
+                    "p99_ms_per_round": [r["p99_ms"] for r in runs],
+                    "p99_ms_median": statistics.median(r["p99_ms"] for r in runs),
+                    "generator_lag_p99_ms_max": max(r["generator_lag_p99_ms"] for r in runs),
+                }
+                continue
+            # each daemon against the bare app of its own code (the baseline's, when it has one)
+            bare_peaks = peaks["bare_baseline" if backend.endswith("_baseline") and "bare_baseline" in peaks else "bare"]
+            ratios = [b["rps"] / a["rps"] for a, b in zip(bare_peaks, peaks[backend])]
             summary[backend]["ratio_per_round"] = [round(r, 3) for r in ratios]
             summary[backend]["ratio_median"] = statistics.median(ratios)
             runs = round_openloop[backend]

@@ -14,6 +14,7 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
+from pacrecon.http_protocol import OneSendHttpToolsProtocol
 from pacrecon.lifecycle import Lifecycle
 from pacrecon.systemd import SystemdNotifier
 
@@ -90,8 +91,9 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def serve_app(app: Starlette, host: str, port: int) -> None:
-    config = uvicorn.Config(
+def server_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
+    """uvicorn's settings for the daemon (and for bench/bare_app.py, its baseline)."""
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -103,7 +105,12 @@ def serve_app(app: Starlette, host: str, port: int) -> None:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         lifespan="on",
         workers=1,
+        http=OneSendHttpToolsProtocol,  # each answer in one send, not two (pacrecon.http_protocol)
     )
+
+
+def serve_app(app: Starlette, host: str, port: int) -> None:
+    config = server_config(app, host, port)
     lifecycle = getattr(app.state, "lifecycle", None)
     notifier = SystemdNotifier.from_environment()
     try:
