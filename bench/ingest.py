@@ -312,23 +312,8 @@ def main() -> None:
                     part: round(statistics.median(r["cpu_us_per_request"][part] for r in runs), 1) for part in runs[0]["cpu_us_per_request"]
                 },
             }
-        for backend in targets:
-            if backend in bares:
-                runs = round_openloop[backend]
-                summary[backend]["openloop_80_percent_of_round_peak"] = {
-                    "rate_per_round": [round(r["offered_rate"]) for r in runs],
-                    "p99_ms_per_round": [r["p99_ms"] for r in runs],
-                    "p99_ms_median": statistics.median(r["p99_ms"] for r in runs),
-                    "generator_lag_p99_ms_max": max(r["generator_lag_p99_ms"] for r in runs),
-                }
-                continue
-            # each daemon against the bare app of its own code (the baseline's, when it has one)
-            bare_peaks = peaks["bare_baseline" if backend.endswith("_baseline") and "bare_baseline" in peaks else "bare"]
-            ratios = [b["rps"] / a["rps"] for a, b in zip(bare_peaks, peaks[backend])]
-            summary[backend]["ratio_per_round"] = [round(r, 3) for r in ratios]
-            summary[backend]["ratio_median"] = statistics.median(ratios)
-            runs = round_openloop[backend]
-            summary[backend]["openloop_80_percent_of_round_peak"] = {
+        for target, runs in round_openloop.items():
+            summary[target]["openloop_80_percent_of_round_peak"] = {
                 "rate_per_round": [round(r["offered_rate"]) for r in runs],
                 "p99_ms_per_round": [r["p99_ms"] for r in runs],
                 "p99_ms_median": statistics.median(r["p99_ms"] for r in runs),
@@ -336,6 +321,12 @@ def main() -> None:
                 "generator_lag_p99_ms_max": max(r["generator_lag_p99_ms"] for r in runs),
                 "non_2xx": sum(r["sent"] - r["ok2xx"] for r in runs),
             }
+        for backend in daemons:
+            # each daemon against the bare app of its own code (the baseline's, when it has one)
+            bare_peaks = peaks["bare_baseline" if backend.endswith("_baseline") and "bare_baseline" in peaks else "bare"]
+            ratios = [b["rps"] / a["rps"] for a, b in zip(bare_peaks, peaks[backend])]
+            summary[backend]["ratio_per_round"] = [round(r, 3) for r in ratios]
+            summary[backend]["ratio_median"] = statistics.median(ratios)
 
         # open loop at 80 % of each daemon's median peak; the bare app at the SQLite rate checks the generator
         openloop: dict[str, dict[str, float]] = {}
@@ -346,7 +337,7 @@ def main() -> None:
                  for b in daemons if b.endswith("_process") and b.removesuffix("_process") in summary]
         # the baseline code at its twin's rate too: two versions compared at one offered load
         plan += [(f"{b}_at_twin_rate", b, 0.8 * summary[b.removesuffix("_baseline")]["rps_median"]) for b in daemons if b.endswith("_baseline")]
-        # every open-loop run each daemon answered (the rounds' too), for the durability count
+        # every open-loop run each target answered (the rounds' too), for the daemons' durability count
         answered = {target: list(runs) for target, runs in round_openloop.items()}
         for name, target, rate in plan:
             count = int(rate * args.openloop_seconds) + 1
@@ -355,8 +346,7 @@ def main() -> None:
             result = run_openloop(generator, targets[target][1], bodies, rate, args.openloop_seconds)
             result["loadavg"] = os.getloadavg()[0]
             openloop[name] = result
-            if target in answered:
-                answered[target].append(result)
+            answered[target].append(result)
             print(json.dumps({"openloop": name, **result}), flush=True)
 
         # durability: SIGKILL each daemon, then count its ledger against the 2xx answers it gave

@@ -53,6 +53,7 @@ from pacrecon.writer_child import (
     frames,
     ignore_stop_signals,
     open_ledger,
+    read_frame,
     spawn,
     wait_or_kill,
 )
@@ -121,21 +122,13 @@ class ProcessRecorder:
         """Block until the spawned child says it is ready (before the event loop runs);
         StorageUnavailable if it does not get there."""
         assert self._socket is not None
-        self._socket.settimeout(START_SECONDS)
-        buffer = bytearray()
         try:
-            while not (messages := frames(buffer)):
-                chunk = self._socket.recv(4096)
-                if not chunk:
-                    raise StorageUnavailable("the webhook writer process exited before it was ready")
-                buffer += chunk
+            message = read_frame(self._socket, START_SECONDS)  # nothing else comes before a job is sent
         except TimeoutError:
             raise StorageUnavailable(f"the webhook writer process was not ready within {START_SECONDS:g} s") from None
-        except OSError:  # ECONNRESET: it died before it read its configuration
+        except (EOFError, OSError):  # ECONNRESET: it died before it read its configuration
             raise StorageUnavailable("the webhook writer process exited before it was ready") from None
-        finally:
-            self._socket.settimeout(None)
-        self._ready_pid = int(messages[0][1])  # nothing else comes before a job is sent
+        self._ready_pid = int(message[1])
 
     async def start(self) -> None:
         """Hand the child's socket to the event loop, once it is ready (waited for here
