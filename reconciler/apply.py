@@ -10,16 +10,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+
+import structlog
 
 from reconciler.claims import ChainNeighbours, ClaimedStatus, DeltaClaim, Finding, compare
 from reconciler.events import PacSpaceEvent, parse_event
 from storage.batch import Isolated, Outcome
-from storage.delta_row import AnyDelta
+from storage.delta_row import AnyDelta, DeltaRow
+from storage.errors import DATABASE_TROUBLE
 from storage.models import Discrepancy, LocalDelta, WebhookEvent
+from storage.page_session import NotReadAhead, PageSession
 from storage.session import LedgerSession
 from storage.vocabulary import DeltaStatus, DetectedBy, DiscrepancyKind, EventOutcome, VerifiedBy
 
+log = structlog.get_logger("pacrecon.apply")
+D = TypeVar("D", LocalDelta, DeltaRow)
 
 # gaps that exist only while a delta is unsettled
 CLEARED_BY_SETTLING = (DiscrepancyKind.STUCK, DiscrepancyKind.NOT_FOUND_UPSTREAM, DiscrepancyKind.UNVERIFIABLE)
@@ -102,10 +108,13 @@ class RecordEvent:
         known = session.anchors_with_deltas(claimed)
         fast: list[int] = []
         seen: set[str] = set()
+        repeats: set[int] = set()  # indexes of works whose event id came earlier in the batch
         for index, work in enumerate(works):
             claim = work.event.claim
             simple = claim is None or (claim.anchor_id is not None and claim.anchor_id not in known)
-            if simple and work.event.event_id not in seen:
+            if work.event.event_id in seen:
+                repeats.add(index)
+            elif simple:
                 fast.append(index)
             seen.add(work.event.event_id)
         inserted = session.insert_events(
@@ -121,9 +130,69 @@ class RecordEvent:
             else:
                 outcomes[index] = (None, Recorded(duplicate=False, outcome=EventOutcome.ORPHAN, anchor_id=event.claim.anchor_id))
         rest = [index for index, outcome in enumerate(outcomes) if outcome is None]
-        for index, outcome in zip(rest, isolated([works[index] for index in rest]), strict=True):
+        rest_outcomes = _record_rest(session, [works[index] for index in rest], [index in repeats for index in rest], isolated)
+        for index, outcome in zip(rest, rest_outcomes, strict=True):
             outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]  # every one is set now
+
+
+def _record_rest(session: LedgerSession, works: list[RecordEvent], repeat: list[bool], isolated: Isolated) -> list[Outcome]:
+    """The batch's events that change more than their own row, as if recorded one at a
+    time, in order. When each is a new event naming one of our deltas by its anchor (the
+    usual webhook), or a repeat of an event id (a duplicate: it changes nothing), the new
+    ones are recorded as one page (`_record_together`), the repeats after them. Anything
+    else among them, or a page that needs what it did not read ahead: each alone, in order."""
+    firsts = [work for work, again in zip(works, repeat) if not again]
+    if not firsts or any(work.event.claim is None or work.event.claim.anchor_id is None for work in firsts):
+        return isolated(works)  # a claim found by item hash or receipt: its deltas are not read ahead
+    try:
+        with session.savepoint():
+            together = iter(_record_together(session, firsts))
+    except DATABASE_TROUBLE:
+        raise  # the database's, not the events': recorded one at a time it fails again
+    except Exception as exc:  # NotReadAhead, or a claim we did not foresee
+        (log.info if isinstance(exc, NotReadAhead) else log.warning)(
+            "webhook_batch_redone", events=len(works), error=f"{type(exc).__name__}: {exc}"[:500]
+        )
+        return isolated(works)
+    others = iter(isolated([work for work, again in zip(works, repeat) if again]))
+    return [next(others) if again else next(together) for again in repeat]
+
+
+def _record_together(session: LedgerSession, works: list[RecordEvent]) -> list[Outcome]:
+    """New events (distinct ids) whose claims name deltas by anchor, recorded as
+    `record_event` would one after the other, in a few statements: their rows in one
+    INSERT, the deltas of their anchors as one page (`PageSession`), then the deltas'
+    changes, the discrepancies and the events' outcomes each in one statement.
+    `NotReadAhead` when the page lacks something: the caller undoes it all."""
+    claims = [work.event.claim for work in works]
+    assert all(claim is not None and claim.anchor_id for claim in claims)  # _record_rest sends no other
+    inserted = session.insert_events([_event_row(w.event, w.raw_body, w.signature_timestamp, w.now) for w in works])
+    page = PageSession(session, anchor_ids=sorted({claim.anchor_id for claim in claims if claim and claim.anchor_id}))
+    of_anchor: dict[str | None, list[DeltaRow]] = {}
+    for delta in page.deltas:
+        of_anchor.setdefault(delta.anchor_id, []).append(delta)
+    matches = [_narrowed(of_anchor.get(claim.anchor_id, []), claim) if claim else [] for claim in claims]
+    sequences = [(d.customer_id, number) for claim, deltas in zip(claims, matches) if claim for d in deltas for number in chain_sequences(claim)]
+    page.read_ahead(
+        sequences,
+        [kind.value for kind in (*CLEARED_BY_SETTLING, DiscrepancyKind.ORPHAN_WEBHOOK)],
+        [f"delta:{d.id}" for d in page.deltas] + [f"event:{w.event.event_id}" for w in works],
+    )
+    outcomes: list[Outcome] = []
+    settled: list[tuple[str, str, datetime | None]] = []
+    for work, claim, deltas in zip(works, claims, matches):
+        assert claim is not None
+        if work.event.event_id not in inserted:  # recorded already, before this batch
+            outcomes.append((None, Recorded(duplicate=True, outcome=None, anchor_id=claim.anchor_id)))
+            continue
+        recorded = _apply_to(page, deltas, work.event.event_id, EventOutcome.ORPHAN.value, claim, work.now)
+        if recorded.outcome is not None and recorded.outcome is not EventOutcome.ORPHAN:
+            settled.append((work.event.event_id, recorded.outcome.value, work.now))
+        outcomes.append((None, recorded))
+    page.write()
+    session.set_event_outcomes(settled)
+    return outcomes
 
 
 def register_deltas(session: LedgerSession, deltas: Iterable[LocalDelta], now: datetime) -> list[LocalDelta]:
@@ -159,17 +228,26 @@ def match_orphans(session: LedgerSession, deltas: Iterable[LocalDelta], now: dat
 
 
 def _apply_event(session: LedgerSession, event: WebhookEvent, claim: DeltaClaim, now: datetime) -> Recorded:
-    deltas = matching_deltas(session, claim)
+    recorded = _apply_to(session, matching_deltas(session, claim), event.event_id, event.outcome, claim, now)
+    if recorded.outcome is not None and recorded.outcome is not EventOutcome.ORPHAN:
+        event.outcome = recorded.outcome.value
+        event.applied_at = now
+    return recorded
+
+
+def _apply_to(
+    session: LedgerSession, deltas: Sequence[AnyDelta], event_id: str, stored_outcome: str | None, claim: DeltaClaim, now: datetime
+) -> Recorded:
+    """Apply the claim of the stored event `event_id` (its outcome so far: `stored_outcome`)
+    to `deltas`, those it names. The caller sets the event's new outcome unless it is ORPHAN."""
     if not deltas:
         return Recorded(duplicate=False, outcome=EventOutcome.ORPHAN, anchor_id=claim.anchor_id)
     findings: list[Finding] = []
     for delta in deltas:
-        findings += apply_claim(session, delta, claim, now, event_id=event.event_id, by=VerifiedBy.WEBHOOK)
+        findings += apply_claim(session, delta, claim, now, event_id=event_id, by=VerifiedBy.WEBHOOK)
     outcome = EventOutcome.DISCREPANCY if findings else EventOutcome.APPLIED
-    if event.outcome == EventOutcome.ORPHAN.value:  # matched at last: it is no orphan any more
-        session.resolve_open(DiscrepancyKind.ORPHAN_WEBHOOK.value, f"event:{event.event_id}", "matched to a delta", now)
-    event.outcome = outcome.value
-    event.applied_at = now
+    if stored_outcome == EventOutcome.ORPHAN.value:  # matched at last: it is no orphan any more
+        session.resolve_open(DiscrepancyKind.ORPHAN_WEBHOOK.value, f"event:{event_id}", "matched to a delta", now)
     return Recorded(
         duplicate=False,
         outcome=outcome,
@@ -183,16 +261,20 @@ def matching_deltas(session: LedgerSession, claim: DeltaClaim) -> list[LocalDelt
     """Our deltas a claim speaks of: by anchor id (narrowed by item hash within a batch
     anchor), else by the item's content hash, else by receipt id."""
     if claim.anchor_id:
-        deltas = session.deltas_by_anchor(claim.anchor_id)
-        if claim.content_hash and len(deltas) > 1:
-            narrowed = [d for d in deltas if d.item_hash and d.item_hash.lower() == claim.content_hash.lower()]
-            deltas = narrowed or deltas  # none matches: compare all, each reports the mismatch
-        return deltas
+        return _narrowed(session.deltas_by_anchor(claim.anchor_id), claim)
     if claim.content_hash:
         return session.deltas_by_item_hash(claim.content_hash)
     if claim.receipt_id:
         return session.deltas_by_receipt(claim.receipt_id)
     return []
+
+
+def _narrowed(deltas: list[D], claim: DeltaClaim) -> list[D]:
+    """Of an anchor's deltas (a batch anchor has several), those with the item hash the claim names."""
+    if claim.content_hash and len(deltas) > 1:
+        narrowed = [d for d in deltas if d.item_hash and d.item_hash.lower() == claim.content_hash.lower()]
+        return narrowed or deltas  # none matches: compare all, each reports the mismatch
+    return deltas
 
 
 def apply_claim(

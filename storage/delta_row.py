@@ -27,6 +27,8 @@ _FIELDS = tuple((prop.key, prop.columns[0].name) for prop in inspect(LocalDelta)
 _ATTRIBUTES = tuple(attribute for attribute, _ in _FIELDS)
 _SELECT_ROWS = select(*(_TABLE.c[column] for _, column in _FIELDS))
 _BY_IDS = _SELECT_ROWS.where(_TABLE.c.id.in_(bindparam("ids", expanding=True)))
+# in id order, as `LedgerSession.deltas_by_anchor` gives each anchor's
+_BY_ANCHORS = _SELECT_ROWS.where(_TABLE.c.anchor_id.in_(bindparam("anchors", expanding=True))).order_by(_TABLE.c.id)
 _OF_SUBMISSION = _SELECT_ROWS.where(_TABLE.c.submission_id == bindparam("submission_id")).order_by(_TABLE.c.submission_index)
 _SEQUENCE_SLOTS_MAX = 512
 # PostgreSQL: a join with the pairs given as two arrays, one index seek per pair
@@ -102,6 +104,10 @@ class DeltaRows:
 
     def by_ids(self, delta_ids: Sequence[int]) -> list[DeltaRow]:
         return self._read(_BY_IDS, {"ids": list(delta_ids)}) if delta_ids else []
+
+    def by_anchors(self, anchor_ids: Sequence[str]) -> list[DeltaRow]:
+        """Every delta of any of `anchor_ids`, in id order."""
+        return self._read(_BY_ANCHORS, {"anchors": list(anchor_ids)}) if anchor_ids else []
 
     def of_submission(self, submission_id: int) -> list[DeltaRow]:
         """As `LedgerSession.deltas_of_submission`."""

@@ -45,11 +45,13 @@ class PageSession(LedgerSession):
     into the rows' ids.
     """
 
-    def __init__(self, session: LedgerSession, delta_ids: Sequence[int]) -> None:
+    def __init__(self, session: LedgerSession, delta_ids: Sequence[int] = (), *, anchor_ids: Sequence[str] = ()) -> None:
+        """The page of the deltas `delta_ids`, or of every delta of `anchor_ids` (in id order)."""
         super().__init__(session._session)
         self._delta_rows = DeltaRows(self._session)
-        self._page_ids = frozenset(delta_ids)
-        self.deltas = self._delta_rows.by_ids(delta_ids)
+        self.deltas = self._delta_rows.by_ids(delta_ids) if delta_ids else self._delta_rows.by_anchors(anchor_ids)
+        # a delta asked for and not found (deleted) is no read the page is missing
+        self._page_ids = frozenset(delta_ids) if delta_ids else frozenset(delta.id for delta in self.deltas if delta.id is not None)
         self._of_customer: dict[str, list[DeltaRow]] = {}
         for delta in self.deltas:
             self._of_customer.setdefault(delta.customer_id, []).append(delta)
