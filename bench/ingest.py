@@ -179,16 +179,28 @@ def count_rows(url: str) -> int:
     return int(rows)
 
 
-def create_pg_database(admin_url: str) -> tuple[str, str]:
+def migrate(url: str, code: Path | None = None) -> None:
+    """Upgrade the ledger at `url` to this checkout's head, or to that of `code` (another
+    checkout: its daemons refuse a schema past their own head)."""
+    if code is None:
+        engine = make_engine(url)
+        upgrade_to_head(engine)
+        engine.dispose()
+        return
+    upgrade = "import sys; from storage.engine import make_engine; from storage.schema import upgrade_to_head; upgrade_to_head(make_engine(sys.argv[1]))"
+    # in `code`'s directory: `-c` puts the working directory ahead of PYTHONPATH
+    subprocess.run([sys.executable, "-c", upgrade, url], env={**os.environ, "PYTHONPATH": str(code.resolve())}, cwd=code, check=True)
+
+
+def create_pg_database(admin_url: str, code: Path | None = None) -> tuple[str, str]:
+    """A new database on `admin_url`'s server, migrated (by `code`'s migrations, if given)."""
     name = f"pacrecon_bench_{uuid.uuid4().hex[:10]}"
     admin = make_engine(admin_url).execution_options(isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    engine = make_engine(url)
-    upgrade_to_head(engine)
-    engine.dispose()
+    migrate(url, code)
     return name, url
 
 
@@ -244,13 +256,12 @@ def main() -> None:
         generator = build_openloop(work)  # before the long peak runs: a missing gcc fails at once
         databases: dict[str, str] = {}
         for backend in backends:  # each daemon a database of its own: its rows are counted against its answers
+            code = args.baseline_code if backend.endswith("_baseline") else None
             if backend.startswith("sqlite"):
                 databases[backend] = f"sqlite:///{work / (backend + '.db')}"
-                engine = make_engine(databases[backend])
-                upgrade_to_head(engine)
-                engine.dispose()
+                migrate(databases[backend], code)
             else:
-                name, databases[backend] = create_pg_database(args.database_url)
+                name, databases[backend] = create_pg_database(args.database_url, code)
                 stack.callback(drop_pg_database, args.database_url, name)
         bares = {"bare": BareApp(work)}
         if args.baseline_code is not None:  # the baseline code's uvicorn settings too

@@ -17,6 +17,7 @@ from storage.vocabulary import DiscrepancyStatus, UNSETTLED_STATUSES
 UNSETTLED_PREDICATE = text("status IN (%s)" % ", ".join(f"'{s.value}'" for s in UNSETTLED_STATUSES))
 ORPHAN_PREDICATE = text("outcome = 'orphan'")
 VERIFIED_LAG_PREDICATE = text("verification_lag_ms IS NOT NULL")
+NUMBERED_PREDICATE = text("sequence_number IS NOT NULL")
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
 
 
@@ -38,7 +39,9 @@ class LocalDelta(SQLModel, table=True):
             sqlite_where=UNSETTLED_PREDICATE,
             postgresql_where=UNSETTLED_PREDICATE,
         ),
-        Index("ix_local_delta_customer_sequence", "customer_id", "sequence_number"),
+        # numbered deltas only on SQLite: its statistics would count the unnumbered ones of a
+        # customer as one key and make a lookup by number look like a scan (migration 0006)
+        Index("ix_local_delta_customer_sequence", "customer_id", "sequence_number", sqlite_where=NUMBERED_PREDICATE),
         Index("ix_local_delta_customer_id", "customer_id", "id"),
         Index("ix_local_delta_status_id", "status", "id"),
         # the report's totals per status (and per customer) read these indexes alone, not the table
