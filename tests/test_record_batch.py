@@ -300,11 +300,15 @@ def test_a_page_that_cannot_be_done_together_is_undone_and_recorded_one_at_a_tim
     one_by_one = with_deltas(fresh())
     alone = [record_alone(one_by_one, body) for body in bodies]
 
+    refused: list[int] = []
+
     def refuse(self: PageSession) -> None:
+        refused.append(1)
         raise NotReadAhead("as a test")
 
     monkeypatch.setattr(PageSession, "write", refuse)
     batched = with_deltas(fresh())
     together = in_one_batch(batched, [work(body) for body in bodies])
+    assert refused == [1]  # the page was tried, and undone
     assert together == alone
     assert snapshot(batched) == snapshot(one_by_one)
