@@ -22,14 +22,31 @@ from storage.errors import StorageError
 from storage.models import LocalDelta
 
 _TABLE = LocalDelta.__table__
+
+# In the `info` of a session whose transaction writes the ledger (`SqlLedger`'s writer) on
+# PostgreSQL: its reads of the deltas it may change lock them (FOR NO KEY UPDATE, in id
+# order), so that two daemons' transactions about one delta take turns. Without it, each
+# reads the row, the later commit overwrites the earlier (a VERIFIED delta set back to
+# PROCESSING). NO KEY: an insert that references the delta (a discrepancy) is not held up.
+# SQLite needs none: its writer holds the file's write lock from BEGIN IMMEDIATE.
+LOCKS_DELTAS = "pacrecon.locks_deltas"
+
+
+def locks_deltas(session: Session) -> bool:
+    """Whether `session`'s reads of deltas it may change are to lock them (`LOCKS_DELTAS`)."""
+    return bool(session.info.get(LOCKS_DELTAS))
+
+
 # (attribute, column) in the table's order: the attribute of column "metadata" is delta_metadata
 _FIELDS = tuple((prop.key, prop.columns[0].name) for prop in inspect(LocalDelta).column_attrs)
 _ATTRIBUTES = tuple(attribute for attribute, _ in _FIELDS)
 _SELECT_ROWS = select(*(_TABLE.c[column] for _, column in _FIELDS))
-_BY_IDS = _SELECT_ROWS.where(_TABLE.c.id.in_(bindparam("ids", expanding=True)))
-# in id order, as `LedgerSession.deltas_by_anchor` gives each anchor's
+# id order: the order `LedgerSession.deltas_by_anchor` gives each anchor's, and the order
+# rows are locked in (PostgreSQL locks after sorting), so two pages never wait on each other
+_BY_IDS = _SELECT_ROWS.where(_TABLE.c.id.in_(bindparam("ids", expanding=True))).order_by(_TABLE.c.id)
 _BY_ANCHORS = _SELECT_ROWS.where(_TABLE.c.anchor_id.in_(bindparam("anchors", expanding=True))).order_by(_TABLE.c.id)
 _OF_SUBMISSION = _SELECT_ROWS.where(_TABLE.c.submission_id == bindparam("submission_id")).order_by(_TABLE.c.submission_index)
+_LOCKED = {statement: statement.with_for_update(key_share=True) for statement in (_BY_IDS, _BY_ANCHORS, _OF_SUBMISSION)}
 _SEQUENCE_SLOTS_MAX = 512
 # PostgreSQL: a join with the pairs given as two arrays, one index seek per pair
 _AT_SEQUENCES_POSTGRES = text(
@@ -101,17 +118,23 @@ class DeltaRows:
     def __init__(self, session: Session) -> None:
         self._session = session
         self._by_id: dict[int, DeltaRow] = {}
+        self._locks = locks_deltas(session)
 
     def by_ids(self, delta_ids: Sequence[int]) -> list[DeltaRow]:
-        return self._read(_BY_IDS, {"ids": list(delta_ids)}) if delta_ids else []
+        """These deltas, in id order; locked in a writing session (`LOCKS_DELTAS`), as are
+        those of `by_anchors` and `of_submission`."""
+        return self._read(self._locked(_BY_IDS), {"ids": list(delta_ids)}) if delta_ids else []
 
     def by_anchors(self, anchor_ids: Sequence[str]) -> list[DeltaRow]:
         """Every delta of any of `anchor_ids`, in id order."""
-        return self._read(_BY_ANCHORS, {"anchors": list(anchor_ids)}) if anchor_ids else []
+        return self._read(self._locked(_BY_ANCHORS), {"anchors": list(anchor_ids)}) if anchor_ids else []
 
     def of_submission(self, submission_id: int) -> list[DeltaRow]:
         """As `LedgerSession.deltas_of_submission`."""
-        return self._read(_OF_SUBMISSION, {"submission_id": submission_id})
+        return self._read(self._locked(_OF_SUBMISSION), {"submission_id": submission_id})
+
+    def _locked(self, statement: Any) -> Any:
+        return _LOCKED[statement] if self._locks else statement
 
     def at_sequences(self, keys: Iterable[tuple[str, str]]) -> list[DeltaRow]:
         """Every delta whose (customer id, sequence number) is one of `keys`, each key one

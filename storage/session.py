@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 
+from storage.delta_row import locks_deltas
 from storage.models import (
     ORPHAN_PREDICATE,
     UNSETTLED_PREDICATE,
@@ -128,8 +129,16 @@ def fixed_row(finding: Discrepancy | dict[str, Any], note: str, now: datetime) -
 
 # built once: every webhook looks its deltas up, and a reused statement keeps its cache key
 _DELTAS_BY = {
-    column: select(LocalDelta).where(getattr(LocalDelta, column) == bindparam("value")).order_by(LocalDelta.id)
-    for column in ("anchor_id", "item_hash", "receipt_id")
+    "ids": select(LocalDelta).where(LocalDelta.id.in_(bindparam("value", expanding=True))).order_by(LocalDelta.id),  # type: ignore[union-attr]
+    "anchor_id": select(LocalDelta).where(LocalDelta.anchor_id == bindparam("value")).order_by(LocalDelta.id),
+    "item_hash": select(LocalDelta).where(LocalDelta.item_hash == bindparam("value")).order_by(LocalDelta.id),
+    "receipt_id": select(LocalDelta).where(LocalDelta.receipt_id == bindparam("value")).order_by(LocalDelta.id),
+    "submission_id": select(LocalDelta).where(LocalDelta.submission_id == bindparam("value")).order_by(LocalDelta.submission_index),  # type: ignore[arg-type]
+}
+# the same, locking what they read (`storage.delta_row.LOCKS_DELTAS`); an object the session
+# holds already is read again: it may have changed since it was read, before the lock
+_DELTAS_LOCKED_BY = {
+    key: statement.with_for_update(key_share=True).execution_options(populate_existing=True) for key, statement in _DELTAS_BY.items()
 }
 
 
@@ -145,6 +154,7 @@ class LedgerSession:
         dialect = session.get_bind().dialect
         self._dialect = dialect.name
         self._driver = statements_for(dialect)  # the webhook hot path's statements
+        self._deltas_by = _DELTAS_LOCKED_BY if locks_deltas(session) else _DELTAS_BY
 
     @property
     def dialect(self) -> str:
@@ -243,16 +253,21 @@ class LedgerSession:
     def load_deltas(self, delta_ids: Sequence[int]) -> list[LocalDelta]:
         """Read these deltas in one query; `get_delta` then finds them in the transaction
         without asking the database again (a page of the reconciler: 200 queries saved)."""
-        return list(self._session.scalars(select(LocalDelta).where(LocalDelta.id.in_(delta_ids))))  # type: ignore[union-attr]
+        return self._deltas_where("ids", list(delta_ids))
 
     def deltas_by_anchor(self, anchor_id: str) -> list[LocalDelta]:
-        return list(self._session.scalars(_DELTAS_BY["anchor_id"], {"value": anchor_id}))
+        return self._deltas_where("anchor_id", anchor_id)
 
     def deltas_by_item_hash(self, item_hash: str) -> list[LocalDelta]:
-        return list(self._session.scalars(_DELTAS_BY["item_hash"], {"value": item_hash}))
+        return self._deltas_where("item_hash", item_hash)
 
     def deltas_by_receipt(self, receipt_id: str) -> list[LocalDelta]:
-        return list(self._session.scalars(_DELTAS_BY["receipt_id"], {"value": receipt_id}))
+        return self._deltas_where("receipt_id", receipt_id)
+
+    def _deltas_where(self, key: str, value: Any) -> list[LocalDelta]:
+        """The deltas of `_DELTAS_BY[key]`, in id order (submission index for a submission's),
+        locked in a session that writes (`storage.delta_row.LOCKS_DELTAS`)."""
+        return list(self._session.scalars(self._deltas_by[key], {"value": value}))
 
     def delta_by_sequence(self, customer_id: str, sequence_number: str) -> LocalDelta | None:
         # the lowest id when several share it, as the page path takes it (storage.page_session)
@@ -340,8 +355,7 @@ class LedgerSession:
         return self._session.scalars(statement).first()
 
     def deltas_of_submission(self, submission_id: int) -> list[LocalDelta]:
-        statement = select(LocalDelta).where(LocalDelta.submission_id == submission_id)
-        return list(self._session.scalars(statement.order_by(LocalDelta.submission_index)))  # type: ignore[arg-type]
+        return self._deltas_where("submission_id", submission_id)
 
     def claim_due_submissions(self, now: datetime, lease_until: datetime, limit: int) -> list[int]:
         """Ids of PENDING submissions due by `now`, each leased until `lease_until` so no

@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, Statem
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.batch import Outcome
+from storage.delta_row import LOCKS_DELTAS
 from storage.engine import make_engine
 from storage.errors import SchemaNotCurrent, StorageUnavailable
 from storage.group_commit import GroupCommitWriter, Job, commit_jobs, resolve_all, wait_within
@@ -41,7 +42,9 @@ class SqlLedger:
         # that stops answering without closing the connection must not hold requests forever
         self.write_deadline_seconds = write_deadline_seconds
         self._writer_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
-        self._write_sessions = sessionmaker(self._writer_engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(
+            self._writer_engine, expire_on_commit=False, info={LOCKS_DELTAS: engine.dialect.name == "postgresql"}
+        )
         # On SQLite each thread that commits (the writer thread, or commit_here's caller)
         # keeps its connection between batches: taking one from the pool and giving it back
         # was 14 % of a batch of one's instructions (bench/RESULTS.md), and a file does not drop
