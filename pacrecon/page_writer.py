@@ -49,7 +49,7 @@ from pacrecon.writer_child import (
     spawn,
     wait_or_kill,
 )
-from storage.errors import DATABASE_TROUBLE, StorageUnavailable
+from storage.errors import StorageUnavailable, is_database_trouble
 
 if TYPE_CHECKING:
     from reconciler.pages import PageWriter
@@ -252,9 +252,9 @@ def _outcome(ledger: SqlLedger, connection: socket.socket, kind: str, work: Work
         if error is not None:
             raise error
         return "done", result
-    except DATABASE_TROUBLE as exc:
-        return "unavailable", f"{exc}"[:2000]
     except Exception as exc:  # noqa: BLE001  (told to the parent, which fails the pass with it)
+        if is_database_trouble(exc):
+            return "unavailable", f"{exc}"[:2000]
         return "failed", f"{type(exc).__name__}: {exc}"[:2000]
 
 

@@ -18,7 +18,7 @@ from reconciler.claims import ChainNeighbours, ClaimedStatus, DeltaClaim, Findin
 from reconciler.events import PacSpaceEvent, parse_event
 from storage.batch import Isolated, Outcome
 from storage.delta_row import AnyDelta, DeltaRow
-from storage.errors import DATABASE_TROUBLE
+from storage.errors import is_database_trouble
 from storage.models import Discrepancy, LocalDelta, WebhookEvent
 from storage.page_session import NotReadAhead, PageSession
 from storage.session import LedgerSession
@@ -148,9 +148,9 @@ def _record_rest(session: LedgerSession, works: list[RecordEvent], repeat: list[
     try:
         with session.savepoint():
             together = iter(_record_together(session, firsts))
-    except DATABASE_TROUBLE:
-        raise  # the database's, not the events': recorded one at a time it fails again
     except Exception as exc:  # NotReadAhead, or a claim we did not foresee
+        if is_database_trouble(exc):
+            raise  # the database's, not the events': recorded one at a time it fails again
         (log.info if isinstance(exc, NotReadAhead) else log.warning)(
             "webhook_batch_redone", events=len(works), error=f"{type(exc).__name__}: {exc}"[:500]
         )

@@ -30,7 +30,7 @@ from reconciler.give_way import GiveWay
 from reconciler.pacspace import PacSpaceClient, StatusAnswer, amount_from, status_from
 from reconciler.pages import LedgerPages, PageWriter
 from storage.delta_row import AnyDelta
-from storage.errors import DATABASE_TROUBLE, StorageUnavailable
+from storage.errors import StorageUnavailable, is_database_trouble
 from storage.models import Discrepancy, ReconciliationRun
 from storage.page_session import PageSession
 from storage.pass_lock import Held, exclusive
@@ -500,9 +500,9 @@ def _apply_page(
     try:
         with session.savepoint():
             result = _reconcile_together(PageSession(session, delta_ids), delta_ids, answers, now, stuck_cutoff, run_id)
-    except DATABASE_TROUBLE:
-        raise  # the database's, not the answers': done again delta by delta it fails again, each after a lock wait
     except Exception as exc:  # NotReadAhead, or an answer we did not foresee
+        if is_database_trouble(exc):
+            raise  # the database's, not the answers': done again delta by delta it fails again, each after a lock wait
         log.warning("reconcile_page_redone", deltas=len(delta_ids), error=f"{type(exc).__name__}: {exc}"[:500])
         result = _reconcile_one_by_one(session, delta_ids, answers, now, stuck_cutoff, run_id)
     result.checked = len(delta_ids)
@@ -539,9 +539,9 @@ def _reconcile_one_by_one(
         try:
             with session.savepoint():
                 _reconcile_delta(session, delta_id, answers, now, stuck_cutoff, run_id, result)
-        except DATABASE_TROUBLE:
-            raise
         except Exception as exc:  # an answer we did not foresee: this delta is skipped, not the pass
+            if is_database_trouble(exc):
+                raise
             result.errors += 1
             log.error("reconcile_delta_failed", delta_id=delta_id, error=f"{type(exc).__name__}: {exc}"[:500])
     return result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 
 class StorageError(Exception):
@@ -20,6 +20,13 @@ class StorageUnavailable(StorageError):
 # a full disk. Work that catches failures so as to skip one bad item lets these through:
 # done again item by item, each would fail the same way, after the same wait.
 DATABASE_TROUBLE: tuple[type[Exception], ...] = (StorageUnavailable, OperationalError, InterfaceError)
+
+
+def is_database_trouble(exc: BaseException) -> bool:
+    """`DATABASE_TROUBLE`, or any driver error after which the connection is gone (SQLAlchemy
+    tells it by `connection_invalidated`, whatever the error's class): nothing more can run
+    in that transaction, so nothing may be done again in it."""
+    return isinstance(exc, DATABASE_TROUBLE) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 class SchemaNotCurrent(StorageError):

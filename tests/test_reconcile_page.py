@@ -15,6 +15,7 @@ import reconciler.reconcile as reconcile
 from reconciler.errors import PacSpaceError
 from reconciler.pacspace import StatusAnswer, status_from
 from reconciler.proofs import keccak256, merkle_root
+from storage.errors import StorageUnavailable
 from storage.models import Discrepancy, LocalDelta, OutboxSubmission
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
@@ -199,6 +200,27 @@ def test_an_unforeseen_answer_redoes_the_page_one_by_one_and_skips_only_its_delt
     assert (fixed, errors) == (8, 1)
     unforeseen = next(d for d in after["deltas"] if d["item_hash"] == H("unforeseen"))
     assert unforeseen["status"] == "QUEUED"
+
+
+def test_a_page_whose_connection_is_gone_fails_instead_of_being_redone_one_by_one(
+    ledger: SqlLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Done again delta by delta in a transaction that can no longer commit, the page would
+    fail again for each delta: an error after which the connection is gone fails the page."""
+    from sqlalchemy.exc import ProgrammingError
+
+    delta_ids, answers = seed(ledger)
+    gone = ProgrammingError("UPDATE ...", {}, Exception("server closed the connection"), connection_invalidated=True)
+
+    def connection_gone(*args: Any) -> reconcile.PageResult:
+        raise gone
+
+    redone: list[int] = []
+    monkeypatch.setattr(reconcile, "_reconcile_together", connection_gone)
+    monkeypatch.setattr(reconcile, "_reconcile_one_by_one", lambda *a, **kw: redone.append(1))
+    with pytest.raises(StorageUnavailable, match="server closed the connection"):  # the ledger's word for it
+        reconciled(ledger, reconcile._apply_page, delta_ids, answers)
+    assert redone == []
 
 
 def test_each_anchor_is_looked_up_once_though_its_deltas_are_pages_apart(ledger: SqlLedger) -> None:

@@ -312,3 +312,34 @@ def test_a_page_that_cannot_be_done_together_is_undone_and_recorded_one_at_a_tim
     assert refused == [1]  # the page was tried, and undone
     assert together == alone
     assert snapshot(batched) == snapshot(one_by_one)
+
+
+def test_a_page_whose_connection_is_gone_is_not_recorded_again_one_at_a_time(
+    fresh: Callable[[], SqlLedger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error after which the connection is gone (of whatever class) is the database's,
+    not the events': the batch fails as a whole, unacknowledged, instead of each event
+    being tried again in a transaction that can no longer commit."""
+    from sqlalchemy.exc import ProgrammingError
+
+    import storage.sql_ledger
+    from storage.page_session import PageSession
+
+    def connection_gone(self: PageSession) -> None:
+        raise ProgrammingError("INSERT ...", {}, Exception("server closed the connection"), connection_invalidated=True)
+
+    isolated_calls: list[int] = []
+    run_isolated = storage.sql_ledger._run_isolated
+
+    def counted(*args: Any) -> Any:
+        isolated_calls.append(1)
+        return run_isolated(*args)
+
+    monkeypatch.setattr(PageSession, "write", connection_gone)
+    monkeypatch.setattr(storage.sql_ledger, "_run_isolated", counted)
+    ledger = with_deltas(fresh())
+    before = snapshot(ledger)
+    answers = in_one_batch(ledger, [work(verified(n)) for n in (1, 2, 3)])
+    assert [type(a) for a in answers] == [StorageUnavailable] * 3, answers
+    assert isolated_calls == []
+    assert snapshot(ledger) == before  # nothing of the batch was committed
