@@ -12,9 +12,8 @@ import pytest
 from reconciler.apply import Recorded, record_event, register_deltas
 from reconciler.events import parse_event
 from storage.models import LocalDelta
-from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
-from storage.vocabulary import DeltaStatus, DiscrepancyKind, EventOutcome
+from storage.vocabulary import DeltaStatus, EventOutcome
 from reconciler.proofs import keccak256, merkle_root
 from tests.webhooks import envelope
 

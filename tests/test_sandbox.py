@@ -17,7 +17,7 @@ from pacspace_sdk.errors import WebhookVerificationError
 
 from reconciler.proofs import EMPTY_ROOT, item_hash, merkle_root, proof_item
 from tests.collector import Collector, Received
-from tests.daemon import SANDBOX_KEY, SandboxProcess
+from tests.daemon import SandboxProcess
 
 SECRET = "whsec_sandbox_test_secret"
 PREVIOUS = "whsec_sandbox_previous_secret"
