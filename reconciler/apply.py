@@ -145,13 +145,19 @@ def _record_rest(session: LedgerSession, works: list[RecordEvent], repeat: list[
     firsts = [work for work, again in zip(works, repeat) if not again]
     if not firsts or any(work.event.claim is None or work.event.claim.anchor_id is None for work in firsts):
         return isolated(works)  # a claim found by item hash or receipt: its deltas are not read ahead
+    recorded_before: frozenset[str] = frozenset()
     try:
-        with session.savepoint():
-            together = iter(_record_together(session, firsts))
-    except Exception as exc:  # NotReadAhead, or a claim we did not foresee
+        try:
+            with session.savepoint():
+                together = iter(_record_together(session, firsts, recorded_before))
+        except RecordedBefore as exc:  # redelivered: once more, with those known (a third time is rare: alone)
+            recorded_before = exc.event_ids
+            with session.savepoint():
+                together = iter(_record_together(session, firsts, recorded_before))
+    except Exception as exc:  # NotReadAhead, RecordedBefore again, or a claim we did not foresee
         if is_database_trouble(exc):
             raise  # the database's, not the events': recorded one at a time it fails again
-        (log.info if isinstance(exc, NotReadAhead) else log.warning)(
+        (log.info if isinstance(exc, NotReadAhead | RecordedBefore) else log.warning)(
             "webhook_batch_redone", events=len(works), error=f"{type(exc).__name__}: {exc}"[:500]
         )
         return isolated(works)
@@ -159,15 +165,28 @@ def _record_rest(session: LedgerSession, works: list[RecordEvent], repeat: list[
     return [next(others) if again else next(together) for again in repeat]
 
 
-def _record_together(session: LedgerSession, works: list[RecordEvent]) -> list[Outcome]:
+class RecordedBefore(Exception):
+    """Events of a page were in the ledger already (recorded by an earlier batch, or by
+    another daemon meanwhile): the page is undone and done again knowing them."""
+
+    def __init__(self, event_ids: frozenset[str]) -> None:
+        super().__init__(f"{len(event_ids)} event(s) recorded before")
+        self.event_ids = event_ids
+
+
+def _record_together(session: LedgerSession, works: list[RecordEvent], recorded_before: frozenset[str]) -> list[Outcome]:
     """New events (distinct ids) whose claims name deltas by anchor, recorded as
-    `record_event` would one after the other, in a few statements: their rows in one
-    INSERT, the deltas of their anchors as one page (`PageSession`), then the deltas'
-    changes, the discrepancies and the events' outcomes each in one statement.
-    `NotReadAhead` when the page lacks something: the caller undoes it all."""
+    `record_event` would one after the other, in a few statements: the deltas of their
+    anchors read as one page (`PageSession`), the claims applied to it, then the events'
+    rows in one INSERT, each with its final outcome (no second write of the row), and
+    the deltas' changes and the discrepancies each in one statement.
+
+    The claims are applied before the rows are inserted, so an event already in the
+    ledger is known only at the INSERT: `RecordedBefore` then (unless it was named in
+    `recorded_before`: a duplicate, left alone). `NotReadAhead` when the page lacks
+    something. Either way the caller undoes it all."""
     claims = [work.event.claim for work in works]
     assert all(claim is not None and claim.anchor_id for claim in claims)  # _record_rest sends no other
-    inserted = session.insert_events([_event_row(w.event, w.raw_body, w.signature_timestamp, w.now) for w in works])
     page = PageSession(session, anchor_ids=sorted({claim.anchor_id for claim in claims if claim and claim.anchor_id}))
     of_anchor: dict[str | None, list[DeltaRow]] = {}
     for delta in page.deltas:
@@ -180,18 +199,22 @@ def _record_together(session: LedgerSession, works: list[RecordEvent]) -> list[O
         [f"delta:{d.id}" for d in page.deltas] + [f"event:{w.event.event_id}" for w in works],
     )
     outcomes: list[Outcome] = []
-    settled: list[tuple[str, str, datetime | None]] = []
+    rows: list[dict[str, Any]] = []
     for work, claim, deltas in zip(works, claims, matches):
         assert claim is not None
-        if work.event.event_id not in inserted:  # recorded already, before this batch
+        if work.event.event_id in recorded_before:
             outcomes.append((None, Recorded(duplicate=True, outcome=None, anchor_id=claim.anchor_id)))
             continue
         recorded = _apply_to(page, deltas, work.event.event_id, EventOutcome.ORPHAN.value, claim, work.now)
+        row = _event_row(work.event, work.raw_body, work.signature_timestamp, work.now)
         if recorded.outcome is not None and recorded.outcome is not EventOutcome.ORPHAN:
-            settled.append((work.event.event_id, recorded.outcome.value, work.now))
+            row.update(outcome=recorded.outcome.value, applied_at=work.now)
+        rows.append(row)
         outcomes.append((None, recorded))
+    inserted = session.insert_events(rows)
+    if len(inserted) < len(rows):
+        raise RecordedBefore(frozenset(row["event_id"] for row in rows) - inserted)
     page.write()
-    session.set_event_outcomes(settled)
     return outcomes
 
 

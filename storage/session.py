@@ -34,9 +34,6 @@ from storage.types import UtcDateTime, combine_exact_sum, exact_sum_parts
 from storage.vocabulary import DiscrepancyStatus, EventOutcome, SubmissionStatus
 
 _EVENTS = WebhookEvent.__table__
-_SET_EVENT_OUTCOME = (
-    update(_EVENTS).where(_EVENTS.c.event_id == bindparam("key")).values(outcome=bindparam("outcome"), applied_at=bindparam("applied_at"))
-)
 # written out, not bound: SQLite uses the partial index of open discrepancies only then
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
 
@@ -199,13 +196,6 @@ class LedgerSession:
         if not rows:
             return set()
         return self._driver.insert_events(self._session, rows)
-
-    def set_event_outcomes(self, outcomes: Sequence[tuple[str, str, datetime | None]]) -> None:
-        """Set (event id, outcome, applied at) on events of this transaction, in one
-        executemany: a batch of webhooks whose claims were applied together."""
-        if outcomes:
-            rows = [{"key": event_id, "outcome": outcome, "applied_at": applied_at} for event_id, outcome, applied_at in outcomes]
-            self._session.execute(_SET_EVENT_OUTCOME, rows)
 
     def anchors_with_deltas(self, anchor_ids: set[str]) -> set[str]:
         """Which of `anchor_ids` at least one local delta has (one query for all of them)."""
