@@ -211,9 +211,15 @@ def drop_pg_database(admin_url: str, name: str) -> None:
     admin.dispose()
 
 
-def machine() -> dict[str, object]:
+# what makes one PostgreSQL server's figures unlike another's. With autovacuum off nothing
+# ANALYZEs a table as it grows, and a plan cached while it was small stays (session 14)
+_SERVER_SETTINGS = ("server_version", "autovacuum", "shared_buffers", "synchronous_commit", "fsync", "plan_cache_mode")
+
+
+def machine(database_url: str | None = None) -> dict[str, object]:
+    """This host, and with `database_url` the PostgreSQL server's settings that move the figures."""
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
-    return {
+    facts: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -222,6 +228,14 @@ def machine() -> dict[str, object]:
         "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
         "loadavg_start": os.getloadavg(),
     }
+    if database_url is not None:
+        engine = make_engine(database_url)
+        try:
+            with engine.connect() as connection:
+                facts["postgres"] = {name: connection.execute(text(f"SHOW {name}")).scalar_one() for name in _SERVER_SETTINGS}
+        finally:
+            engine.dispose()
+    return facts
 
 
 def main() -> None:
@@ -247,7 +261,8 @@ def main() -> None:
         if not (args.baseline_code / "pacrecon" / "__init__.py").is_file():
             parser.error(f"--baseline-code {args.baseline_code} holds no pacrecon package")
         backends = [name for b in backends for name in (b, f"{b}_baseline")]
-    report: dict[str, object] = {"machine": machine(), "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds}
+    uses_postgres = any(b.startswith("postgres") for b in backends)
+    report: dict[str, object] = {"machine": machine(args.database_url if uses_postgres else None), "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds}
     print(json.dumps(report["machine"]), flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="pacrecon-bench-"))

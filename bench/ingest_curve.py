@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
     args = parser.parse_args()
     shares = sorted(float(s) for s in args.shares.split(","))
-    print(json.dumps(machine()), flush=True)
+    print(json.dumps(machine(args.database_url)), flush=True)
     work = Path(tempfile.mkdtemp(prefix="pacrecon-curve-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--baseline-code", type=Path)
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
     args = parser.parse_args()
-    print(json.dumps(machine()), flush=True)
+    print(json.dumps(machine(args.database_url if args.only != "sqlite" else None)), flush=True)
     codes = {"": None} | ({"_baseline": args.baseline_code.resolve()} if args.baseline_code else {})
     backends = [b for b in ("sqlite", "postgres") if args.only in (None, b)]
     work = Path(tempfile.mkdtemp(prefix="pacrecon-matched-"))
