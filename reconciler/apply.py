@@ -52,13 +52,17 @@ def record_event(
 ) -> Recorded:
     """Store `event` exactly once and apply its claim to the matching local delta(s)."""
     claim = event.claim
+    # the deltas before the event's row, as a page of events (`_record_together`) takes them:
+    # on PostgreSQL reading them locks them, and two daemons given one event, each taking
+    # the delta and the event's row in another order, would each wait for the other
+    deltas = matching_deltas(session, claim) if claim else []
     stored = session.insert_event(WebhookEvent(**_event_row(event, raw_body, signature_timestamp, now)))
     anchor_id = claim.anchor_id if claim else None
     if stored is None:
         return Recorded(duplicate=True, outcome=None, anchor_id=anchor_id)
     if claim is None:
         return Recorded(duplicate=False, outcome=EventOutcome.IGNORED, anchor_id=None)
-    return _apply_event(session, stored, claim, now)
+    return _apply_event(session, stored, claim, now, deltas)
 
 
 def _event_row(event: PacSpaceEvent, raw_body: bytes, signature_timestamp: int, now: datetime) -> dict[str, Any]:
@@ -152,6 +156,7 @@ def _record_rest(session: LedgerSession, works: list[RecordEvent], repeat: list[
                 together = iter(_record_together(session, firsts, recorded_before))
         except RecordedBefore as exc:  # redelivered: once more, with those known (a third time is rare: alone)
             recorded_before = exc.event_ids
+            log.info("webhook_batch_again", events=len(works), recorded_before=len(recorded_before))
             with session.savepoint():
                 together = iter(_record_together(session, firsts, recorded_before))
     except Exception as exc:  # NotReadAhead, RecordedBefore again, or a claim we did not foresee
@@ -250,8 +255,11 @@ def match_orphans(session: LedgerSession, deltas: Iterable[LocalDelta], now: dat
             _apply_event(session, event, parsed.claim, now)
 
 
-def _apply_event(session: LedgerSession, event: WebhookEvent, claim: DeltaClaim, now: datetime) -> Recorded:
-    recorded = _apply_to(session, matching_deltas(session, claim), event.event_id, event.outcome, claim, now)
+def _apply_event(
+    session: LedgerSession, event: WebhookEvent, claim: DeltaClaim, now: datetime, deltas: Sequence[AnyDelta] | None = None
+) -> Recorded:
+    """Apply the stored `event`'s claim to `deltas` (those it names: found here if None)."""
+    recorded = _apply_to(session, matching_deltas(session, claim) if deltas is None else deltas, event.event_id, event.outcome, claim, now)
     if recorded.outcome is not None and recorded.outcome is not EventOutcome.ORPHAN:
         event.outcome = recorded.outcome.value
         event.applied_at = now

@@ -24,7 +24,8 @@ from typing import Any
 
 from sqlalchemy import String, Table, TypeDecorator
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeEngine
 from sqlalchemy.orm import Session
 
@@ -115,12 +116,29 @@ def _element_type(column_type: TypeEngine[Any], dialect: Dialect) -> str:
 
 def _run(session: Session, sql: str, values: list[Any]) -> list[tuple[Any, ...]]:
     session.flush()  # anything the ORM still holds goes first, as before any statement of its own
-    cursor = session.connection().connection.cursor()
+    connection = session.connection()
+    cursor = connection.connection.cursor()
     try:
         cursor.execute(sql, values)
         return cursor.fetchall()
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise _as_sqlalchemy_error(connection, cursor, sql, exc) from exc
     finally:
         cursor.close()
+
+
+def _as_sqlalchemy_error(connection: Connection, cursor: Any, sql: str, exc: Exception) -> DBAPIError:
+    """The driver's error as SQLAlchemy would have raised it had it run the statement
+    (OperationalError for a lock timeout or a deadlock, `connection_invalidated` when the
+    connection is gone, and then invalidated so that the pool does not hand it out again):
+    what the writer and `storage.errors.is_database_trouble` tell the database's trouble by."""
+    dialect = connection.dialect
+    gone = dialect.is_disconnect(exc, connection.connection.dbapi_connection, cursor)
+    if gone:
+        connection.invalidate(exc)
+    return DBAPIError.instance(
+        sql, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True, connection_invalidated=gone, dialect=dialect
+    )
 
 
 def statements_for(dialect: Dialect) -> DriverStatements:

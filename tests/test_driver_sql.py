@@ -99,3 +99,34 @@ def test_a_value_longer_than_its_column_is_refused_not_cut_short(ledger: SqlLedg
     with pytest.raises(Exception, match="value too long"):
         ledger.transact_sync(lambda s: s.insert_events([row(1, event_id=long_id)]))
     assert ledger.read_sync(lambda s: s.count_events()) == 0
+
+
+@pytest.mark.postgres
+def test_the_cursors_errors_are_told_as_sqlalchemy_tells_them(postgres_url: str) -> None:
+    """What the cursor raises reaches the writer as SQLAlchemy's own error would: a lock
+    timeout as an OperationalError (the database's trouble: a batch is not redone event by
+    event, each waiting again), a lost connection as `connection_invalidated`."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.orm import Session
+
+    from storage.engine import make_engine
+    from storage.errors import is_database_trouble
+
+    engine = make_engine(postgres_url, lock_timeout_ms=200)
+    try:
+        with Session(engine) as first, Session(engine) as second:
+            LedgerSession(first).insert_events([row(901)])  # not committed: an insert of its id waits for it
+            with pytest.raises(OperationalError, match="lock timeout") as waited:
+                LedgerSession(second).insert_events([row(901)])
+            assert is_database_trouble(waited.value) and not waited.value.connection_invalidated
+            first.rollback()
+            second.rollback()
+        with Session(engine) as third:
+            pid = third.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            with pytest.raises(DBAPIError) as gone:
+                LedgerSession(third).insert_events([row(902)])
+            assert gone.value.connection_invalidated and is_database_trouble(gone.value)
+    finally:
+        engine.dispose()

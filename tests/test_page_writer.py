@@ -403,7 +403,13 @@ def test_a_pass_cancelled_twice_while_its_page_is_in_the_child_closes_and_reaps_
         while not recorded[0].writes:
             await asyncio.sleep(0.01)
         # the page in the child (ready, then waiting for the lock), or still waiting for it to be ready
-        await asyncio.sleep(1.5 if page_in_child else 0.05)
+        if page_in_child:  # about a second, more on a busy host: waited for, not guessed
+            deadline = time.monotonic() + 15
+            while not recorded[0]._ready and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # the page sent to it
+        else:
+            await asyncio.sleep(0.05)
         assert recorded[0]._ready is page_in_child
         task.cancel()
         await asyncio.sleep(0.2)  # the pass now waits for its page

@@ -276,7 +276,7 @@ def test_events_naming_our_deltas_are_recorded_together_as_one_at_a_time(
         assert snapshot(batched) == snapshot(one_by_one), batch
         tries += taken
     assert tries.count(True) >= 8, tries  # a failed try is redone one at a time: equal, but not this path
-    assert len(again_knowing) >= 3, tries  # a batch with redelivered events is done together too, at the second try
+    assert len(again_knowing) >= 3, (again_knowing, tries)  # a batch with redelivered events is done together too, at the second try
 
 
 def test_a_batch_of_events_naming_our_deltas_is_a_few_statements(fresh: Callable[[], SqlLedger]) -> None:

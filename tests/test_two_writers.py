@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -140,3 +141,57 @@ def test_a_delta_changed_by_another_daemon_in_flight_is_read_after_its_commit(
     # what the later transaction did follows from the earlier one's: nothing of a state neither left
     assert (delta.verified_at is not None) == (expected_status == "VERIFIED")
     assert (delta.failed_at is not None) == (expected_status == "FAILED")
+
+
+def test_one_event_recorded_alone_by_one_daemon_and_in_a_page_by_the_other_waits_not_deadlocks(
+    daemons: tuple[SqlLedger, SqlLedger], postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both take the delta before the event's row: the daemon recording the event alone
+    waits for the page's commit, then finds the event recorded. (Taking them in the other
+    order, each waited for the other until PostgreSQL broke the deadlock after a second.)"""
+    read, release = threading.Event(), threading.Event()
+    read_ahead = PageSession.read_ahead
+
+    def read_then_hold(self: PageSession, *args: Any) -> None:
+        read_ahead(self, *args)
+        read.set()
+        assert release.wait(20)
+
+    monkeypatch.setattr(PageSession, "read_ahead", read_then_hold)  # only the page's path reads ahead
+    one, other = daemons
+    raw = _raw(verified(1))
+    answers: dict[str, Any] = {}
+
+    def answer(name: str, run: Callable[[], Any]) -> None:
+        try:
+            answers[name] = run()
+        except Exception as exc:  # noqa: BLE001  (told by the assertions below)
+            answers[name] = exc
+
+    def in_a_page() -> None:
+        answer("page", lambda: one.transact_sync(RecordEvent(parse_event(raw), raw, int(LATER.timestamp()), LATER)))
+
+    def alone() -> None:
+        record = partial(record_event, event=parse_event(raw), raw_body=raw, signature_timestamp=int(LATER.timestamp()), now=LATER)
+        answer("alone", lambda: other.transact_sync(record))
+
+    page = threading.Thread(target=in_a_page)
+    page.start()
+    assert read.wait(10)  # the page holds the delta, and has not written the event's row
+    lone = threading.Thread(target=alone)
+    lone.start()
+    deadline = time.monotonic() + 3
+    while lone.is_alive() and not _waiting_for_a_lock(postgres_url) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    waited = lone.is_alive()
+    release.set()
+    page.join(10)
+    lone.join(10)
+
+    assert waited, "recording the event alone did not wait for the page"
+    assert not any(isinstance(a, Exception) for a in answers.values()), answers
+    assert answers["page"].outcome is not None and answers["page"].outcome.value == "applied"
+    assert answers["alone"].duplicate
+    assert one.read_sync(lambda s: s.count_events()) == 1
+    delta = one.read_sync(lambda s: s.get_delta(1))
+    assert delta is not None and delta.status == "VERIFIED"
