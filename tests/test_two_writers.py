@@ -90,6 +90,16 @@ def _waiting_for_a_lock(url: str) -> bool:
         engine.dispose()
 
 
+def _started_and_waiting(thread: threading.Thread, url: str) -> bool:
+    """Start `thread`; whether it is still running once some transaction waits for a lock
+    (or after 3 s, below the ledger's 5 s lock timeout)."""
+    thread.start()
+    deadline = time.monotonic() + 3
+    while thread.is_alive() and not _waiting_for_a_lock(url) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return thread.is_alive()
+
+
 @pytest.mark.parametrize(
     ("first", "expected_status", "expected_outcome"),
     [
@@ -125,11 +135,7 @@ def test_a_delta_changed_by_another_daemon_in_flight_is_read_after_its_commit(
     body = verified(1)
     raw = _raw(body)
     webhook = threading.Thread(target=lambda: answers.append(other.transact_sync(RecordEvent(parse_event(raw), raw, int(LATER.timestamp()), LATER))))
-    webhook.start()
-    deadline = time.monotonic() + 3  # below the ledger's 5 s lock timeout
-    while webhook.is_alive() and not _waiting_for_a_lock(postgres_url) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    waited = webhook.is_alive()
+    waited = _started_and_waiting(webhook, postgres_url)
     release.set()
     holder.join(10)
     webhook.join(10)
@@ -179,11 +185,7 @@ def test_one_event_recorded_alone_by_one_daemon_and_in_a_page_by_the_other_waits
     page.start()
     assert read.wait(10)  # the page holds the delta, and has not written the event's row
     lone = threading.Thread(target=alone)
-    lone.start()
-    deadline = time.monotonic() + 3
-    while lone.is_alive() and not _waiting_for_a_lock(postgres_url) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    waited = lone.is_alive()
+    waited = _started_and_waiting(lone, postgres_url)
     release.set()
     page.join(10)
     lone.join(10)
