@@ -119,6 +119,12 @@ def write_bodies(path: Path, first: int, count: int) -> None:
             out.write(b"%s\t%s\t%s\n" % (signed.headers["X-PacSpace-Timestamp"].encode(), signed.headers["X-PacSpace-Signature"].encode(), signed.body))
 
 
+def require_wrk() -> None:
+    """Fail at once, with what to do, where a run would meet a missing wrk only after its set-up."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("this bench drives its peaks with wrk, which is not installed (apt-get install wrk)")
+
+
 def run_wrk(url: str, bodies: Path, seconds: float) -> dict[str, float]:
     result = subprocess.run(
         ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", str(HERE / "ingest.lua"), url, "--", str(bodies), "1"],
@@ -225,7 +231,7 @@ def machine(database_url: str | None = None) -> dict[str, object]:
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
+        "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0] if shutil.which("wrk") else None,
         "loadavg_start": os.getloadavg(),
     }
     if database_url is not None:
@@ -269,6 +275,7 @@ def main() -> None:
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
         generator = build_openloop(work)  # before the long peak runs: a missing gcc fails at once
+        require_wrk()
         databases: dict[str, str] = {}
         for backend in backends:  # each daemon a database of its own: its rows are counted against its answers
             code = args.baseline_code if backend.endswith("_baseline") else None

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from common import REPO  # noqa: F401,I001  (bench/ is the script's own directory; puts the repository on sys.path)
-from ingest import DEFAULT_PG, BareApp, build_openloop, create_pg_database, drop_pg_database, machine, run_openloop, run_wrk, write_bodies
+from ingest import DEFAULT_PG, BareApp, build_openloop, require_wrk, create_pg_database, drop_pg_database, machine, run_openloop, run_wrk, write_bodies
 from storage.engine import make_engine
 from storage.schema import upgrade_to_head
 from tests.daemon import Daemon
@@ -43,6 +43,7 @@ def main() -> None:
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
         generator = build_openloop(work)
+        require_wrk()
         sqlite_url = f"sqlite:///{work / 'sqlite.db'}"
         engine = make_engine(sqlite_url)
         upgrade_to_head(engine)

@@ -74,7 +74,7 @@ import httpx
 from sqlalchemy import text
 
 import ledgers
-from ingest import DEFAULT_PG, build_openloop, run_wrk, write_bodies
+from ingest import DEFAULT_PG, build_openloop, require_wrk, run_wrk, write_bodies
 from reconcile import CONCURRENCY, STALE_AGE, Databases
 from storage.engine import make_engine
 from tests.daemon import SANDBOX_KEY, Daemon, SandboxProcess
@@ -579,6 +579,7 @@ def main() -> None:
     sandbox = SandboxProcess(workdir, "--seed", "11", "--verify-delay", "3600", "--max-attempts", "1").start()
     try:
         generator = build_openloop(workdir)
+        require_wrk()
         started = time.monotonic()
         imported = ledgers.verified_stale(sandbox, workdir, args.stale)
         ledgers.seed(databases.create(TEMPLATE), iter(ledgers.place_stale(imported, args.total, STALE_AGE)))

@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import text
 
 from common import REPO  # noqa: F401,I001  (bench/ is the script's own directory; puts the repository on sys.path)
-from ingest import DEFAULT_PG, BareApp, build_openloop, create_pg_database, drop_pg_database, machine, migrate, run_openloop, run_wrk, write_bodies
+from ingest import DEFAULT_PG, BareApp, build_openloop, require_wrk, create_pg_database, drop_pg_database, machine, migrate, run_openloop, run_wrk, write_bodies
 from seed import DELTA_COLUMNS, _seed_postgres, _seed_sqlite, _stamp
 from storage.engine import make_engine
 from storage.types import amount_to_units
@@ -93,6 +93,7 @@ def main() -> None:
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
         generator = build_openloop(work)
+        require_wrk()
         urls: dict[str, str] = {}
         for backend in backends:
             for suffix in codes:

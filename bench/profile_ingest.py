@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest import build_openloop, create_pg_database, drop_pg_database, run_openloop, run_wrk, write_bodies  # noqa: E402
+from ingest import build_openloop, require_wrk, create_pg_database, drop_pg_database, run_openloop, run_wrk, write_bodies  # noqa: E402
 from storage.engine import make_engine  # noqa: E402
 from storage.schema import upgrade_to_head  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
@@ -80,6 +80,8 @@ def main() -> None:
         elif url.startswith("postgres"):
             admin, (pg_name, url) = url, create_pg_database(url)
         generator = None if args.rate is None else build_openloop(work)  # built before sampling starts
+        if args.rate is None:
+            require_wrk()
         daemon = Daemon(url, work, PACRECON_WEBHOOK_WRITER=args.webhook_writer).start()
         bodies = work / "bodies.tsv"
         write_bodies(bodies, 0, 200_000)  # more than the fastest daemon takes in the time

@@ -233,7 +233,9 @@ class LedgerRollup(SQLModel, table=True):
 
 
 class LedgerRollupJournal(SQLModel, table=True):
-    """PostgreSQL's changes to `ledger_rollup` not folded in yet (one row per change)."""
+    """PostgreSQL's changes to `ledger_rollup` not folded in yet: a row per (metric, key)
+    per statement that inserted or deleted rows (migration 0007), a row per change per
+    updated row."""
 
     __tablename__ = "ledger_rollup_journal"
 

@@ -110,6 +110,63 @@ POSTGRES_TRIGGERS = [
     "CREATE TRIGGER rollup_webhook_event_update AFTER UPDATE OF outcome ON webhook_event FOR EACH ROW "
     "WHEN (OLD.outcome IS DISTINCT FROM NEW.outcome) EXECUTE FUNCTION pacrecon_rollup_event()",
 ]
+
+# -- PostgreSQL since 0007: inserted and deleted rows journaled per statement ------------
+# A row trigger appends one journal row per row written: a batch of 50 webhooks inserted
+# in one statement made 50 journal rows (heap, index, sequence), and the fold moved them all
+# again. A statement trigger sees the statement's rows as a transition table and appends
+# one row per (metric, key) they touch. Updates keep their row triggers: PostgreSQL allows
+# no column list with a transition table, so a statement trigger would run for every
+# UPDATE of the table, and the ledger's updates go one row per execution anyway.
+
+def _pg_statement_journal(metric: str, key: str, rows: str, whole: str | None = None, nanos: str | None = None) -> str:
+    sums = ", ".join(f"direction * sum({column})" if column else "0" for column in (whole, nanos))
+    return f"""
+    INSERT INTO ledger_rollup_journal (metric, key, count, whole, nanos)
+    SELECT '{metric}', {key}, direction * count(*), {sums} FROM {rows} GROUP BY 2;"""
+
+
+def _pg_statement_function(name: str, journal: str) -> str:
+    return f"""
+CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  direction bigint := CASE TG_OP WHEN 'DELETE' THEN -1 ELSE 1 END;
+BEGIN {journal}
+  RETURN NULL;
+END $$"""
+
+
+_STATEMENT_DELTAS = (
+    _pg_statement_journal("delta_status", "status", "changed", "trunc(amount)::bigint",
+                          "((amount - trunc(amount)) * 1000000000)::bigint")
+    + _pg_statement_journal("lag_bucket", "bucket",
+                            f"(SELECT {_BUCKET.format(lag='verification_lag_ms')}::text AS bucket FROM changed"
+                            " WHERE verification_lag_ms IS NOT NULL) AS lags")
+)
+_STATEMENT_EVENTS = _pg_statement_journal("event_outcome", "outcome", "changed")
+_ROW_INSERT_DELETE = [  # 0005's, replaced by 0007
+    ("local_delta", "rollup_local_delta_insert_delete", "pacrecon_rollup_delta"),
+    ("webhook_event", "rollup_webhook_event_insert_delete", "pacrecon_rollup_event"),
+]
+
+POSTGRES_STATEMENT_TRIGGERS = [
+    *(f"DROP TRIGGER {trigger} ON {table}" for table, trigger, _ in _ROW_INSERT_DELETE),
+    _pg_statement_function("pacrecon_rollup_delta_rows", _STATEMENT_DELTAS),
+    _pg_statement_function("pacrecon_rollup_event_rows", _STATEMENT_EVENTS),
+    # one event a trigger: PostgreSQL refuses a transition table on a trigger of two
+    *(f"CREATE TRIGGER rollup_{table}_{verb.lower()} AFTER {verb} ON {table} REFERENCING {side} TABLE AS changed "
+      f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+      for table, function in (("local_delta", "pacrecon_rollup_delta_rows"), ("webhook_event", "pacrecon_rollup_event_rows"))
+      for verb, side in (("INSERT", "NEW"), ("DELETE", "OLD"))),
+]
+POSTGRES_STATEMENT_DROP = [
+    *(f"DROP TRIGGER rollup_{table}_{verb} ON {table}" for table in ("local_delta", "webhook_event") for verb in ("insert", "delete")),
+    "DROP FUNCTION pacrecon_rollup_delta_rows()",
+    "DROP FUNCTION pacrecon_rollup_event_rows()",
+    *(f"CREATE TRIGGER {trigger} AFTER INSERT OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION {function}()"
+      for table, trigger, function in _ROW_INSERT_DELETE),
+]
+
 POSTGRES_DROP = [
     "DROP TRIGGER IF EXISTS rollup_local_delta_insert_delete ON local_delta",
     "DROP TRIGGER IF EXISTS rollup_local_delta_update ON local_delta",

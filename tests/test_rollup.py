@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import text
+import pytest
+from sqlalchemy import insert, inspect, text
 
 from storage.engine import make_engine
 from storage.models import LocalDelta, WebhookEvent
 from storage.report_queries import PERCENTILES, ReportFilter, _rank
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
+from tests.conftest import POSTGRES_ENV, empty_postgres, postgres_database
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 STATUSES = ["PENDING", "QUEUED", "PROCESSING", "VERIFIED", "FAILED", "REJECTED"]
@@ -197,3 +200,70 @@ def test_the_histogram_bins_whole_lags_on_both_paths(ledger: SqlLedger) -> None:
     for where in (ReportFilter(), ReportFilter(since=datetime(2000, 1, 1, tzinfo=UTC))):
         histogram = dict(ledger.read_sync(lambda s: s.report().lag(where).histogram))
         assert histogram[1000] == 1 and histogram[2000] == 3 and histogram[5000] == 1, (where, histogram)
+
+
+def _journal_rows(ledger: SqlLedger) -> int:
+    return int(ledger.read_sync(lambda s: s._session.execute(text("SELECT count(*) FROM ledger_rollup_journal")).scalar_one()))
+
+
+@pytest.mark.postgres
+def test_postgres_journals_a_statements_inserts_and_deletes_once_per_key(postgres_url: str) -> None:
+    """One multi-row INSERT of 40 events of two outcomes adds two journal rows, not 40; a
+    DELETE of 39 of them two more; the rollup equals the rows before and after a fold."""
+    empty_postgres(postgres_url)
+    ledger = SqlLedger.from_url(postgres_url)
+    try:
+        deltas = [_delta(n, random.Random(n)) for n in range(30)]
+        for delta in deltas:
+            delta.status, delta.verification_lag_ms = "VERIFIED", 5  # one status, one lag bucket
+        columns = [attribute for attribute in inspect(LocalDelta).column_attrs if attribute.key != "id"]
+        values = [{attribute.columns[0].name: getattr(delta, attribute.key) for attribute in columns} for delta in deltas]
+        ledger.transact_sync(lambda s: s._session.execute(insert(LocalDelta.__table__).values(values)))
+        assert _journal_rows(ledger) == 2  # one statement: one row for the status, one for the lag bucket
+        ledger.transact_sync(lambda s: s.fold_rollup())
+
+        rows = [{"event_id": f"evt_{n}", "event_type": "delta.verified", "raw_body": b"{}", "signature_timestamp": 0, "received_at": NOW,
+                 "outcome": "orphan" if n % 4 else "ignored", "anchor_id": None, "item_hash": None, "receipt_id": None, "applied_at": None}
+                for n in range(40)]
+        assert len(ledger.transact_sync(lambda s: s.insert_events(rows))) == 40  # one statement
+        assert _journal_rows(ledger) == 2
+        _check(ledger)
+        ledger.transact_sync(lambda s: s._session.execute(text("DELETE FROM webhook_event WHERE event_id <> 'evt_1'")))
+        assert _journal_rows(ledger) == 4
+        _check(ledger)
+        ledger.transact_sync(lambda s: s.fold_rollup())
+        assert _journal_rows(ledger) == 0
+        _check(ledger)
+    finally:
+        ledger.close()
+
+
+@pytest.mark.postgres
+def test_postgres_statement_triggers_migrate_up_and_down(postgres_url: str) -> None:
+    """Rows written under 0006's row triggers, then 0007's statement triggers, then 0006's
+    again after a downgrade: the rollup equals the rows at every step."""
+    from alembic import command
+
+    from storage.schema import alembic_config
+
+    admin_url = os.environ[POSTGRES_ENV]
+    rng = random.Random(16)
+    with postgres_database(admin_url, prefix="pacrecon_test_0007") as url:
+        engine = make_engine(url)
+        try:
+            for start, revision in ((0, "0006"), (100, "head"), (200, "0006"), (300, "head")):
+                if revision == "head":
+                    command.upgrade(alembic_config(engine), revision)
+                else:
+                    command.downgrade(alembic_config(engine), revision)
+                ledger = SqlLedger.from_url(url)
+                try:
+                    ledger.transact_sync(lambda s: _churn(s, rng, start, 100))
+                    _check(ledger)
+                    statement_triggers = ledger.read_sync(lambda s: s._session.execute(text(
+                        "SELECT count(*) FROM pg_trigger WHERE tgname = 'rollup_webhook_event_insert'")).scalar_one())
+                    assert statement_triggers == (1 if revision == "head" else 0)
+                finally:
+                    ledger.close()
+        finally:
+            engine.dispose()
