@@ -1,6 +1,6 @@
 """The triggers that keep `ledger_rollup` (storage.models.LedgerRollup) in step with the
-ledger, for SQLite and PostgreSQL. Used by migration 0005; kept here so that a test can
-check the rollup against aggregates computed from the rows themselves."""
+ledger, for SQLite and PostgreSQL. Used by migrations 0005 and 0007; kept here so that a
+test can check the rollup against aggregates computed from the rows themselves."""
 
 from __future__ import annotations
 

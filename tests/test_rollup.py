@@ -56,6 +56,9 @@ def _churn(session: LedgerSession, rng: random.Random, start: int, count: int) -
             delta.amount = _amount(rng)
     session.flush()
     session._session.execute(text("UPDATE webhook_event SET outcome = 'applied' WHERE outcome = 'orphan' AND id % 2 = 0"))
+    # deletes, each of many rows in one statement (PostgreSQL journals them per statement)
+    session._session.execute(text("DELETE FROM local_delta WHERE id % 7 = 3"))
+    session._session.execute(text("DELETE FROM webhook_event WHERE id % 11 = 4"))
 
 
 def _check(ledger: SqlLedger) -> None:
@@ -208,18 +211,23 @@ def _journal_rows(ledger: SqlLedger) -> int:
 
 @pytest.mark.postgres
 def test_postgres_journals_a_statements_inserts_and_deletes_once_per_key(postgres_url: str) -> None:
-    """One multi-row INSERT of 40 events of two outcomes adds two journal rows, not 40; a
-    DELETE of 39 of them two more; the rollup equals the rows before and after a fold."""
+    """One multi-row INSERT of 30 deltas (one status, three lag buckets) adds four journal
+    rows, a DELETE of half of them four more; 40 events of two outcomes in one statement add
+    two, not 40, a DELETE of 39 of them two more; the rollup equals the rows throughout."""
     empty_postgres(postgres_url)
     ledger = SqlLedger.from_url(postgres_url)
     try:
         deltas = [_delta(n, random.Random(n)) for n in range(30)]
-        for delta in deltas:
-            delta.status, delta.verification_lag_ms = "VERIFIED", 5  # one status, one lag bucket
+        for n, delta in enumerate(deltas):
+            delta.status, delta.verification_lag_ms = "VERIFIED", (5, 150, 1005)[n % 3]  # one status, three lag buckets
         columns = [attribute for attribute in inspect(LocalDelta).column_attrs if attribute.key != "id"]
         values = [{attribute.columns[0].name: getattr(delta, attribute.key) for attribute in columns} for delta in deltas]
         ledger.transact_sync(lambda s: s._session.execute(insert(LocalDelta.__table__).values(values)))
-        assert _journal_rows(ledger) == 2  # one statement: one row for the status, one for the lag bucket
+        assert _journal_rows(ledger) == 4  # one statement: a row for the status, one per lag bucket
+        _check(ledger)
+        ledger.transact_sync(lambda s: s._session.execute(text("DELETE FROM local_delta WHERE id % 2 = 0")))
+        assert _journal_rows(ledger) == 8  # the same four keys again, negative
+        _check(ledger)
         ledger.transact_sync(lambda s: s.fold_rollup())
 
         rows = [{"event_id": f"evt_{n}", "event_type": "delta.verified", "raw_body": b"{}", "signature_timestamp": 0, "received_at": NOW,
