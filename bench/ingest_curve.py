@@ -9,6 +9,11 @@ targets take turns within a round. Reported per target and share: the offered ra
 max and the generator's own lag, for every round, and the median p99 over the rounds.
 
   flock /tmp/bench.lock .venv/bin/python bench/ingest_curve.py [--rounds 2] [--shares 0.3,0.5,0.6,0.7,0.8,0.9]
+      [--only sqlite|postgres] [--twin PACRECON_SETTING=VALUE]
+
+--twin: each daemon gets a twin started with that setting too (its own ledger), driven in
+the same rounds right after it: a setting's effect, measured against the same moments of
+this host's noise (`<target>_twin`).
 """
 
 from __future__ import annotations
@@ -36,28 +41,42 @@ def main() -> None:
     parser.add_argument("--openloop-seconds", type=float, default=8.0)
     parser.add_argument("--shares", default="0.3,0.5,0.6,0.7,0.8,0.9")
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
+    parser.add_argument("--only", choices=["sqlite", "postgres"])
+    parser.add_argument("--twin", metavar="PACRECON_SETTING=VALUE")
     args = parser.parse_args()
+    twin: dict[str, str] = {}
+    if args.twin:
+        name, _, value = args.twin.partition("=")
+        if not name.startswith("PACRECON_") or not _:
+            parser.error("--twin takes PACRECON_SETTING=VALUE")
+        twin[name] = value
     shares = sorted(float(s) for s in args.shares.split(","))
-    print(json.dumps(machine(args.database_url)), flush=True)
+    print(json.dumps({**machine(args.database_url), "twin": twin}), flush=True)
     work = Path(tempfile.mkdtemp(prefix="pacrecon-curve-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
         generator = build_openloop(work)
         require_wrk()
-        sqlite_url = f"sqlite:///{work / 'sqlite.db'}"
-        engine = make_engine(sqlite_url)
-        upgrade_to_head(engine)
-        engine.dispose()
-        name, postgres_url = create_pg_database(args.database_url)
-        stack.callback(drop_pg_database, args.database_url, name)
         bare = BareApp(work)
         stack.callback(bare.stop)
         targets: dict[str, tuple[str, int]] = {"bare": (bare.url, bare.port)}
-        for target, url in (("sqlite_process", sqlite_url), ("postgres_process", postgres_url)):
-            (work / target).mkdir()
-            daemon = Daemon(url, work / target, PACRECON_WEBHOOK_WRITER="process").start()
-            stack.callback(daemon.stop)
-            targets[target] = (daemon.url, daemon.port)
+        for backend in ("sqlite", "postgres"):
+            if args.only not in (None, backend):
+                continue
+            for suffix, settings in (("", {}), *((("_twin", twin),) if twin else ())):
+                target = f"{backend}_process{suffix}"
+                if backend == "sqlite":
+                    url = f"sqlite:///{work / (target + '.db')}"
+                    engine = make_engine(url)
+                    upgrade_to_head(engine)
+                    engine.dispose()
+                else:
+                    name, url = create_pg_database(args.database_url)
+                    stack.callback(drop_pg_database, args.database_url, name)
+                (work / target).mkdir()
+                daemon = Daemon(url, work / target, PACRECON_WEBHOOK_WRITER="process", **settings).start()
+                stack.callback(daemon.stop)
+                targets[target] = (daemon.url, daemon.port)
 
         bodies = work / "bodies.tsv"
         next_id = 0
