@@ -149,20 +149,22 @@ _ROW_INSERT_DELETE = [  # 0005's, replaced by 0007
     ("webhook_event", "rollup_webhook_event_insert_delete", "pacrecon_rollup_event"),
 ]
 
+_STATEMENT_FUNCTIONS = {"local_delta": "pacrecon_rollup_delta_rows", "webhook_event": "pacrecon_rollup_event_rows"}
+# one event a trigger: PostgreSQL refuses a transition table on a trigger of two
+_STATEMENT_TRIGGERS = [(f"rollup_{table}_{verb.lower()}", table, verb, side)
+                       for table in _STATEMENT_FUNCTIONS for verb, side in (("INSERT", "NEW"), ("DELETE", "OLD"))]
+
 POSTGRES_STATEMENT_TRIGGERS = [
     *(f"DROP TRIGGER {trigger} ON {table}" for table, trigger, _ in _ROW_INSERT_DELETE),
-    _pg_statement_function("pacrecon_rollup_delta_rows", _STATEMENT_DELTAS),
-    _pg_statement_function("pacrecon_rollup_event_rows", _STATEMENT_EVENTS),
-    # one event a trigger: PostgreSQL refuses a transition table on a trigger of two
-    *(f"CREATE TRIGGER rollup_{table}_{verb.lower()} AFTER {verb} ON {table} REFERENCING {side} TABLE AS changed "
-      f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
-      for table, function in (("local_delta", "pacrecon_rollup_delta_rows"), ("webhook_event", "pacrecon_rollup_event_rows"))
-      for verb, side in (("INSERT", "NEW"), ("DELETE", "OLD"))),
+    _pg_statement_function(_STATEMENT_FUNCTIONS["local_delta"], _STATEMENT_DELTAS),
+    _pg_statement_function(_STATEMENT_FUNCTIONS["webhook_event"], _STATEMENT_EVENTS),
+    *(f"CREATE TRIGGER {trigger} AFTER {verb} ON {table} REFERENCING {side} TABLE AS changed "
+      f"FOR EACH STATEMENT EXECUTE FUNCTION {_STATEMENT_FUNCTIONS[table]}()"
+      for trigger, table, verb, side in _STATEMENT_TRIGGERS),
 ]
 POSTGRES_STATEMENT_DROP = [
-    *(f"DROP TRIGGER rollup_{table}_{verb} ON {table}" for table in ("local_delta", "webhook_event") for verb in ("insert", "delete")),
-    "DROP FUNCTION pacrecon_rollup_delta_rows()",
-    "DROP FUNCTION pacrecon_rollup_event_rows()",
+    *(f"DROP TRIGGER {trigger} ON {table}" for trigger, table, _, _ in _STATEMENT_TRIGGERS),
+    *(f"DROP FUNCTION {function}()" for function in _STATEMENT_FUNCTIONS.values()),
     *(f"CREATE TRIGGER {trigger} AFTER INSERT OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION {function}()"
       for table, trigger, function in _ROW_INSERT_DELETE),
 ]
