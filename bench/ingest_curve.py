@@ -74,7 +74,8 @@ def main() -> None:
                     name, url = create_pg_database(args.database_url)
                     stack.callback(drop_pg_database, args.database_url, name)
                 (work / target).mkdir()
-                daemon = Daemon(url, work / target, PACRECON_WEBHOOK_WRITER="process", **settings).start()
+                # a twin may set the writer too: its setting wins
+                daemon = Daemon(url, work / target, **{"PACRECON_WEBHOOK_WRITER": "process", **settings}).start()
                 stack.callback(daemon.stop)
                 targets[target] = (daemon.url, daemon.port)
 
