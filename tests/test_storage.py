@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
@@ -542,7 +543,5 @@ def test_sqlite_finds_a_delta_by_its_number_through_the_index_after_analyze(tmp_
     if revision == "head":
         assert "ix_local_delta_customer_sequence" in plan and "SCAN" not in plan, plan
     else:  # the control: what 0006 mends, so this test sees the planner's choice, not just the index's name
-        import sqlite3
-
         if "SCAN" not in plan:  # a later SQLite may plan better: nothing for 0006 to mend there, nothing wrong here
             pytest.skip(f"SQLite {sqlite3.sqlite_version} seeks the index even before 0006: the control shows nothing on it ({plan})")
