@@ -91,10 +91,16 @@ class Progress:
             self._total = 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports: each probe stays bound until all are taken, or the kernel may hand the
+    same port out twice (neither is listening yet when the second is picked)."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports.append(int(probe.getsockname()[1]))
+        return ports
 
 
 @dataclass
@@ -106,9 +112,13 @@ class Stack:
     api_token: str = field(default_factory=lambda: f"demo_api_{secrets.token_hex(12)}")
     admin_token: str = field(default_factory=lambda: f"demo_admin_{secrets.token_hex(12)}")
     sandbox_key: str = "sk_sandbox_demo"
-    daemon_port: int = field(default_factory=_free_port)
-    sandbox_port: int = field(default_factory=_free_port)
+    daemon_port: int = 0  # 0: two free ports are picked together
+    sandbox_port: int = 0
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not (self.daemon_port and self.sandbox_port):
+            self.daemon_port, self.sandbox_port = _free_ports(2)
 
     @property
     def daemon_url(self) -> str:
@@ -147,7 +157,9 @@ class Stack:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"the {name} exited at start; see {self.workdir / (name + '.log')}")
+                log = self.workdir / f"{name}.log"
+                last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(nothing)"]
+                raise RuntimeError(f"the {name} exited at start; see {log} (its last line: {last[0][-300:]})")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(ready_url, timeout=1).status_code == 200:
                     return

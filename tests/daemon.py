@@ -27,10 +27,19 @@ MIN_SECRET_LENGTH = 6  # shorter values would match ordinary text by chance
 STARTED: list[Service] = []  # every process the suite ran: their logs are scanned at the end (conftest)
 
 
+HANDED_OUT: set[int] = set()  # a port picked but not yet listened on is free again to the kernel
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port no earlier call of this run returned: two services set up before either starts
+    would otherwise get the same port now and then, and the second would fail to bind."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in HANDED_OUT:
+            HANDED_OUT.add(port)
+            return port
 
 
 def pacrecon(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
