@@ -5,8 +5,9 @@ In one run, on loopback, with the same load generators and the same signed bodie
   (b) `pacrecon serve` on SQLite (WAL, synchronous=FULL: every commit fsynced);
   (c) `pacrecon serve` on PostgreSQL (synchronous_commit=on), in a database of its own
       created on PACRECON_BENCH_DATABASE_URL's server and dropped at the end.
-Peak: wrk (closed loop, one thread, CONNECTIONS connections) for ROUNDS rounds, the targets
-interleaved within each round; medians are reported. In each round, right after the peaks, a
+Peak: wrk (closed loop, one thread) at each of --connections' counts in turn (64 and 256 by
+default), the fastest being the peak, for ROUNDS rounds, the targets interleaved within each
+round; medians are reported, and each count's rate and ratio beside the peak's. In each round, right after the peaks, a
 fixed-rate open-loop run (bench/openloop.c, built with gcc into the run's work directory and
 run as its own process) drives each daemon at 80 % of the peak it reached in that round: this
 host's speed drifts by 2x within minutes, and 80 % of a peak measured minutes earlier can be
@@ -32,7 +33,7 @@ its ledger counted: every 2xx must be a row ("recorded"); wrk abandons the reque
 when its time is up, so rows may exceed 2xx by at most those.
 
 Run from the repository root, under the shared lock:
-  flock /tmp/bench.lock .venv/bin/python bench/ingest.py [--rounds 3] [--seconds 8] [--only sqlite]
+  flock /tmp/bench.lock .venv/bin/python bench/ingest.py [--rounds 3] [--seconds 8] [--connections 64,256] [--only sqlite]
       [--process-writer-too | --process-writer-only] [--baseline-code DIR]
 """
 
@@ -52,6 +53,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import text
@@ -66,7 +68,8 @@ from tests.daemon import Daemon, free_port  # noqa: E402
 from tests.webhooks import envelope, sign  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CONNECTIONS = 64
+CONNECTIONS = 64  # a single wrk run's (warm-ups, other benches)
+PEAK_CONNECTIONS = "64,256"  # the peak scan's: 256 saturates where 64 does not (RESULTS.md, session 16)
 WARMUP_BODIES = 80_000  # 2 s of the bare app on a quiet machine, with room
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -125,9 +128,9 @@ def require_wrk() -> None:
         raise SystemExit("this bench drives its peaks with wrk, which is not installed (apt-get install wrk)")
 
 
-def run_wrk(url: str, bodies: Path, seconds: float) -> dict[str, float]:
+def run_wrk(url: str, bodies: Path, seconds: float, connections: int = CONNECTIONS) -> dict[str, float]:
     result = subprocess.run(
-        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", str(HERE / "ingest.lua"), url, "--", str(bodies), "1"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", str(HERE / "ingest.lua"), url, "--", str(bodies), "1"],
         capture_output=True, text=True, check=True,
     )
     line = next(l for l in result.stdout.splitlines() if l.startswith("WRKJSON "))
@@ -136,7 +139,46 @@ def run_wrk(url: str, bodies: Path, seconds: float) -> dict[str, float]:
         raise RuntimeError(f"wrk ran out of bodies against {url}: make more ({out})")
     out["rps"] = out["requests"] / (out["duration_us"] / 1e6)
     out["unanswered"] = out["sent"] - out["ok2xx"] - out["other"]  # in flight when time was up
+    out["connections"] = connections
     return out
+
+
+def parse_connections(value: str) -> list[int]:
+    counts = sorted({int(c) for c in value.split(",")})
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError("--connections takes counts of 1 or more, comma-separated: 64,256")
+    return counts
+
+
+def write_scan_bodies(workdir: Path, counts: list[int], first: int, count: int) -> tuple[dict[int, Path], int]:
+    """A bodies file per connection count, each of `count` bodies no other file holds: a target
+    driven at every count gets only new events (a repeated one is a cheaper duplicate).
+    Returns the files and the next unused id."""
+    files = {}
+    for connections in counts:
+        files[connections] = workdir / f"bodies-c{connections}.tsv"
+        write_bodies(files[connections], first, count)
+        first += count
+    return files, first
+
+
+def scan_peak(url: str, bodies: dict[int, Path], seconds: float, pid: int | None = None) -> dict[str, Any]:
+    """wrk at each connection count in turn; the peak is the fastest of them. 64 connections
+    reach only 0.84-0.89 of this host's SQLite daemon's rate at 128-256 (RESULTS.md, session 16),
+    so a share "of peak" taken at one count can be a share of something less than the peak.
+    The best run's figures, with every count's rate beside them."""
+    runs = []
+    for connections, path in bodies.items():
+        if pid is not None:
+            before = (thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times(), cpu_seconds(children_of(pid)))
+        run = run_wrk(url, path, seconds, connections)
+        if pid is not None:
+            run["cpu_us_per_request"] = cpu_per_request(before, pid, run["requests"])
+        runs.append(run)
+    best = dict(max(runs, key=lambda run: run["rps"]))
+    best["rps_by_connections"] = {run["connections"]: run["rps"] for run in runs}
+    best["runs"] = runs  # every run's answers, for the durability count
+    return best
 
 
 def cpu_per_request(before: tuple[dict[str, float], float, os.times_result, float], pid: int, requests: int) -> dict[str, float]:
@@ -248,6 +290,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=parse_connections, default=parse_connections(PEAK_CONNECTIONS),
+                        help=f"wrk's connection counts, comma-separated; the peak is the fastest (default {PEAK_CONNECTIONS})")
     parser.add_argument("--openloop-seconds", type=float, default=10.0)
     parser.add_argument("--only", choices=["sqlite", "postgres"], action="append")
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
@@ -268,7 +312,7 @@ def main() -> None:
             parser.error(f"--baseline-code {args.baseline_code} holds no pacrecon package")
         backends = [name for b in backends for name in (b, f"{b}_baseline")]
     uses_postgres = any(b.startswith("postgres") for b in backends)
-    report: dict[str, object] = {"machine": machine(args.database_url if uses_postgres else None), "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds}
+    report: dict[str, object] = {"machine": machine(args.database_url if uses_postgres else None), "connections": args.connections, "seconds": args.seconds, "rounds": args.rounds}
     print(json.dumps(report["machine"]), flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="pacrecon-bench-"))
@@ -312,16 +356,15 @@ def main() -> None:
             # room for the fastest target so far to double its pace (this host's speed drifts 2x)
             fastest = max([w["rps"] for w in warm.values()] + [p["rps"] for runs in peaks.values() for p in runs])
             size = int(fastest * args.seconds * 2) + 5_000
-            write_bodies(bodies, next_id, size)  # the same bodies for every target of this round
-            next_id += size
+            # the same bodies for every target of this round, a file per connection count
+            scan_bodies, next_id = write_scan_bodies(work, args.connections, next_id, size)
             for target, (url, _) in targets.items():
                 pid = bares[target].process.pid if target in bares else daemons[target].process.pid  # type: ignore[union-attr]
-                before = (thread_cpu_seconds(pid), cpu_seconds(pids_named("postgres")), os.times(), cpu_seconds(children_of(pid)))
-                result = run_wrk(url, bodies, args.seconds)
+                result = scan_peak(url, scan_bodies, args.seconds, pid)
                 result["loadavg"] = os.getloadavg()[0]
-                result["cpu_us_per_request"] = cpu_per_request(before, pid, result["requests"])
                 peaks[target].append(result)
-                print(json.dumps({"round": round_, "target": target, **{k: result[k] for k in ("rps", "p50_us", "p99_us", "ok2xx", "other", "unanswered", "cpu_us_per_request")}}), flush=True)
+                print(json.dumps({"round": round_, "target": target, **{k: result[k] for k in (
+                    "rps", "connections", "rps_by_connections", "p50_us", "p99_us", "ok2xx", "other", "unanswered", "cpu_us_per_request")}}), flush=True)
             # each at 80 % of the peak it reached a moment ago; the bare app too, to show what this
             # host and generator allow any server at that share of its peak
             for target in targets:
@@ -338,6 +381,8 @@ def main() -> None:
         for target, runs in peaks.items():
             summary[target] = {
                 "rps_median": statistics.median(r["rps"] for r in runs),
+                "connections_of_peak_per_round": [r["connections"] for r in runs],
+                "rps_median_by_connections": {c: statistics.median(r["rps_by_connections"][c] for r in runs) for c in args.connections},
                 "p50_ms_median": statistics.median(r["p50_us"] for r in runs) / 1000,
                 "p99_ms_median": statistics.median(r["p99_us"] for r in runs) / 1000,
                 "non_2xx": sum(r["other"] for r in runs),
@@ -360,6 +405,9 @@ def main() -> None:
             ratios = [b["rps"] / a["rps"] for a, b in zip(bare_peaks, peaks[backend])]
             summary[backend]["ratio_per_round"] = [round(r, 3) for r in ratios]
             summary[backend]["ratio_median"] = statistics.median(ratios)
+            summary[backend]["ratio_median_by_connections"] = {  # each count against the bare app at that count
+                c: round(statistics.median(b["rps_by_connections"][c] / a["rps_by_connections"][c] for a, b in zip(bare_peaks, peaks[backend])), 3)
+                for c in args.connections}
 
         # open loop at 80 % of each daemon's median peak; the bare app at the SQLite rate checks the generator
         openloop: dict[str, dict[str, float]] = {}
@@ -388,12 +436,13 @@ def main() -> None:
             assert daemon.process is not None
             daemon.process.kill()
             daemon.process.wait()
-            runs = peaks[backend] + answered[backend]
+            wrk_runs = [run for peak in peaks[backend] for run in peak["runs"]]
+            runs = wrk_runs + answered[backend]
             acknowledged = warm[backend]["ok2xx"] + sum(r["ok2xx"] for r in runs)
             recorded = warm[backend]["recorded"] + sum(r["recorded"] for r in runs)
             # in flight at wrk's cutoff, or an open-loop request never answered: either may
             # still have been committed
-            unanswered = (warm[backend]["unanswered"] + sum(r["unanswered"] for r in peaks[backend])
+            unanswered = (warm[backend]["unanswered"] + sum(r["unanswered"] for r in wrk_runs)
                           + sum(r["errors"] for r in answered[backend]))
             rows = count_rows(databases[backend])
             durability[backend] = {"acknowledged_2xx": acknowledged, "recorded_answers": recorded, "rows": rows, "unanswered": unanswered}

@@ -3,12 +3,13 @@ the default) on SQLite and PostgreSQL, each driven open-loop at several shares o
 reached a moment before, so that the p99 target ("≤ 25 ms at 80 % of peak") can be read
 together with where each one's tail starts to grow, the bare app's included.
 
-Per round and target: wrk's closed-loop peak (as bench/ingest.py: 64 connections, SECONDS),
+Per round and target: wrk's closed-loop peak (as bench/ingest.py: the fastest of wrk at each
+of --connections' counts, 64 and 256 by default, SECONDS each),
 then bench/openloop.c at each share of that peak, lowest first, OPENLOOP_SECONDS each. The
 targets take turns within a round. Reported per target and share: the offered rate, p50, p99,
 max and the generator's own lag, for every round, and the median p99 over the rounds.
 
-  flock /tmp/bench.lock .venv/bin/python bench/ingest_curve.py [--rounds 2] [--shares 0.3,0.5,0.6,0.7,0.8,0.9]
+  flock /tmp/bench.lock .venv/bin/python bench/ingest_curve.py [--rounds 2] [--shares 0.3,0.5,0.6,0.7,0.8,0.9] [--connections 64,256]
       [--only sqlite|postgres] [--twin PACRECON_SETTING=VALUE]
 
 --twin: each daemon gets a twin started with that setting too (its own ledger), driven in
@@ -28,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from common import REPO  # noqa: F401,I001  (bench/ is the script's own directory; puts the repository on sys.path)
-from ingest import DEFAULT_PG, BareApp, build_openloop, require_wrk, create_pg_database, drop_pg_database, machine, run_openloop, run_wrk, write_bodies
+from ingest import DEFAULT_PG, PEAK_CONNECTIONS, BareApp, parse_connections, scan_peak, write_scan_bodies, build_openloop, require_wrk, create_pg_database, drop_pg_database, machine, run_openloop, run_wrk, write_bodies
 from storage.engine import make_engine
 from storage.schema import upgrade_to_head
 from tests.daemon import Daemon
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--openloop-seconds", type=float, default=8.0)
     parser.add_argument("--shares", default="0.3,0.5,0.6,0.7,0.8,0.9")
+    parser.add_argument("--connections", type=parse_connections, default=parse_connections(PEAK_CONNECTIONS))
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
     parser.add_argument("--only", choices=["sqlite", "postgres"])
     parser.add_argument("--twin", metavar="PACRECON_SETTING=VALUE")
@@ -88,11 +90,12 @@ def main() -> None:
         for round_ in range(args.rounds):
             for target, (url, port) in targets.items():
                 count = int(fastest * args.seconds * 2) + 5_000
-                write_bodies(bodies, next_id, count)
-                next_id += count
-                peak = run_wrk(url, bodies, args.seconds)["rps"]
+                scan_bodies, next_id = write_scan_bodies(work, args.connections, next_id, count)
+                scanned = scan_peak(url, scan_bodies, args.seconds)
+                peak = scanned["rps"]
                 fastest = max(fastest, peak)
-                print(json.dumps({"round": round_, "target": target, "peak_rps": round(peak)}), flush=True)
+                print(json.dumps({"round": round_, "target": target, "peak_rps": round(peak), "connections": scanned["connections"],
+                                  "rps_by_connections": {c: round(r) for c, r in scanned["rps_by_connections"].items()}}), flush=True)
                 for share in shares:
                     rate = share * peak
                     count = int(rate * args.openloop_seconds) + 1
