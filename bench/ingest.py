@@ -40,6 +40,7 @@ Run from the repository root, under the shared lock:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -102,21 +103,47 @@ def wait_ready(url: str) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-def write_bodies(path: Path, first: int, count: int) -> None:
-    """`count` unique delta.verified webhooks, ids first..first+count-1, signed now."""
+# How the bodies' ids look. "random" (the default): as PacSpace's and the sandbox's, an event id
+# and an anchor id of 16 random-looking hex digits and a receipt id of a 32-byte hash, so each
+# new event lands at a random place in the ledger's unique and orphan indexes. "sequential":
+# ids that count up (every insert at the indexes' right edge), what this bench used until
+# session 18: 2.3-3.3x less of the writer's CPU per event than random ids on ledgers of
+# 0.1-1 M rows (RESULTS.md), so it measured an easier load than a real one.
+IDS = ("random", "sequential")
+
+
+def _mix64(n: int) -> int:
+    """splitmix64's finaliser: a bijection on 64-bit integers, so distinct inputs give distinct,
+    random-looking ids (every body stays a new event); its increment first, so 0 is no id of zeros."""
+    n = (n + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    n = (n ^ (n >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    n = (n ^ (n >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return n ^ (n >> 31)
+
+
+def body_ids(i: int, ids: str = "random") -> tuple[str, str, str]:
+    """Body number i's (event id, anchor id, receipt id), in the style `ids` names (of IDS)."""
+    if ids == "sequential":
+        return f"evt_bench_{i:09d}", f"a_bench_{i}", f"0x{i:064x}"
+    return f"evt_{_mix64(i):016x}", f"a_{_mix64(i | 1 << 63):016x}", "0x" + hashlib.sha256(b"receipt:%d" % i).hexdigest()
+
+
+def write_bodies(path: Path, first: int, count: int, ids: str = "random") -> None:
+    """`count` unique delta.verified webhooks, numbers first..first+count-1, signed now."""
     with path.open("wb") as out:
         for i in range(first, first + count):
+            event_id, anchor_id, receipt_id = body_ids(i, ids)
             body = envelope(
                 "delta.verified",
                 {
-                    "recordId": f"a_bench_{i}",
-                    "receiptId": f"0x{i:064x}",
+                    "recordId": anchor_id,
+                    "receiptId": receipt_id,
                     "customerId": "cus_bench",
                     "delta": -12.5,
                     "sequenceNumber": str(i),
                     "verificationReference": f"vref_{i}",
                 },
-                id=f"evt_bench_{i:09d}",
+                id=event_id,
             )
             signed = sign(body)
             out.write(b"%s\t%s\t%s\n" % (signed.headers["X-PacSpace-Timestamp"].encode(), signed.headers["X-PacSpace-Signature"].encode(), signed.body))
@@ -150,14 +177,14 @@ def parse_connections(value: str) -> list[int]:
     return counts
 
 
-def write_scan_bodies(workdir: Path, counts: list[int], first: int, count: int) -> tuple[dict[int, Path], int]:
+def write_scan_bodies(workdir: Path, counts: list[int], first: int, count: int, ids: str = "random") -> tuple[dict[int, Path], int]:
     """A bodies file per connection count, each of `count` bodies no other file holds: a target
     driven at every count gets only new events (a repeated one is a cheaper duplicate).
     Returns the files and the next unused id."""
     files = {}
     for connections in counts:
         files[connections] = workdir / f"bodies-c{connections}.tsv"
-        write_bodies(files[connections], first, count)
+        write_bodies(files[connections], first, count, ids)
         first += count
     return files, first
 
@@ -293,6 +320,7 @@ def main() -> None:
     parser.add_argument("--connections", type=parse_connections, default=parse_connections(PEAK_CONNECTIONS),
                         help=f"wrk's connection counts, comma-separated; the peak is the fastest (default {PEAK_CONNECTIONS})")
     parser.add_argument("--openloop-seconds", type=float, default=10.0)
+    parser.add_argument("--ids", choices=IDS, default="random", help="the bodies' ids: random as PacSpace's (default), or counting up (easier)")
     parser.add_argument("--only", choices=["sqlite", "postgres"], action="append")
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
     parser.add_argument("--process-writer-too", action="store_true",
@@ -312,7 +340,7 @@ def main() -> None:
             parser.error(f"--baseline-code {args.baseline_code} holds no pacrecon package")
         backends = [name for b in backends for name in (b, f"{b}_baseline")]
     uses_postgres = any(b.startswith("postgres") for b in backends)
-    report: dict[str, object] = {"machine": machine(args.database_url if uses_postgres else None), "connections": args.connections, "seconds": args.seconds, "rounds": args.rounds}
+    report: dict[str, object] = {"machine": machine(args.database_url if uses_postgres else None), "connections": args.connections, "seconds": args.seconds, "rounds": args.rounds, "ids": args.ids}
     print(json.dumps(report["machine"]), flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="pacrecon-bench-"))
@@ -348,7 +376,7 @@ def main() -> None:
         round_openloop: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
         # warm-up: imports, connection pools, the first pages of the database files
         bodies = work / "bodies.tsv"
-        write_bodies(bodies, next_id, WARMUP_BODIES)
+        write_bodies(bodies, next_id, WARMUP_BODIES, args.ids)
         next_id += WARMUP_BODIES
         warm = {t: run_wrk(url, bodies, 2) for t, (url, _) in targets.items()}
         print(json.dumps({"warmup": {t: round(w["rps"]) for t, w in warm.items()}}), flush=True)
@@ -357,7 +385,7 @@ def main() -> None:
             fastest = max([w["rps"] for w in warm.values()] + [p["rps"] for runs in peaks.values() for p in runs])
             size = int(fastest * args.seconds * 2) + 5_000
             # the same bodies for every target of this round, a file per connection count
-            scan_bodies, next_id = write_scan_bodies(work, args.connections, next_id, size)
+            scan_bodies, next_id = write_scan_bodies(work, args.connections, next_id, size, args.ids)
             for target, (url, _) in targets.items():
                 pid = bares[target].process.pid if target in bares else daemons[target].process.pid  # type: ignore[union-attr]
                 result = scan_peak(url, scan_bodies, args.seconds, pid)
@@ -370,7 +398,7 @@ def main() -> None:
             for target in targets:
                 rate = 0.8 * peaks[target][-1]["rps"]
                 count = int(rate * args.openloop_seconds) + 1
-                write_bodies(bodies, next_id, count)
+                write_bodies(bodies, next_id, count, args.ids)
                 next_id += count
                 result = run_openloop(generator, targets[target][1], bodies, rate, args.openloop_seconds)
                 result["loadavg"] = os.getloadavg()[0]
@@ -422,7 +450,7 @@ def main() -> None:
         answered = {target: list(runs) for target, runs in round_openloop.items()}
         for name, target, rate in plan:
             count = int(rate * args.openloop_seconds) + 1
-            write_bodies(bodies, next_id, count)
+            write_bodies(bodies, next_id, count, args.ids)
             next_id += count
             result = run_openloop(generator, targets[target][1], bodies, rate, args.openloop_seconds)
             result["loadavg"] = os.getloadavg()[0]

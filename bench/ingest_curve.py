@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from common import REPO  # noqa: F401,I001  (bench/ is the script's own directory; puts the repository on sys.path)
-from ingest import DEFAULT_PG, PEAK_CONNECTIONS, BareApp, parse_connections, scan_peak, write_scan_bodies, build_openloop, require_wrk, create_pg_database, drop_pg_database, machine, run_openloop, run_wrk, write_bodies
+from ingest import DEFAULT_PG, IDS, PEAK_CONNECTIONS, BareApp, parse_connections, scan_peak, write_scan_bodies, build_openloop, require_wrk, create_pg_database, drop_pg_database, machine, run_openloop, run_wrk, write_bodies
 from storage.engine import make_engine
 from storage.schema import upgrade_to_head
 from tests.daemon import Daemon
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--openloop-seconds", type=float, default=8.0)
     parser.add_argument("--shares", default="0.3,0.5,0.6,0.7,0.8,0.9")
     parser.add_argument("--connections", type=parse_connections, default=parse_connections(PEAK_CONNECTIONS))
+    parser.add_argument("--ids", choices=IDS, default="random", help="the bodies' ids: random as PacSpace's (default), or counting up (easier)")
     parser.add_argument("--database-url", default=os.environ.get("PACRECON_BENCH_DATABASE_URL", DEFAULT_PG))
     parser.add_argument("--only", choices=["sqlite", "postgres"])
     parser.add_argument("--twin", metavar="PACRECON_SETTING=VALUE")
@@ -53,7 +54,7 @@ def main() -> None:
             parser.error("--twin takes PACRECON_SETTING=VALUE")
         twin[name] = value
     shares = sorted(float(s) for s in args.shares.split(","))
-    print(json.dumps({**machine(args.database_url), "twin": twin}), flush=True)
+    print(json.dumps({**machine(args.database_url), "twin": twin, "ids": args.ids}), flush=True)
     work = Path(tempfile.mkdtemp(prefix="pacrecon-curve-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
@@ -83,14 +84,14 @@ def main() -> None:
 
         bodies = work / "bodies.tsv"
         next_id = 0
-        write_bodies(bodies, next_id, 40_000)
+        write_bodies(bodies, next_id, 40_000, args.ids)
         next_id += 40_000
         fastest = max(run_wrk(url, bodies, 1)["rps"] for url, _ in targets.values())  # warm-up
         curves: dict[str, dict[float, list[dict[str, float]]]] = {t: {s: [] for s in shares} for t in targets}
         for round_ in range(args.rounds):
             for target, (url, port) in targets.items():
                 count = int(fastest * args.seconds * 2) + 5_000
-                scan_bodies, next_id = write_scan_bodies(work, args.connections, next_id, count)
+                scan_bodies, next_id = write_scan_bodies(work, args.connections, next_id, count, args.ids)
                 scanned = scan_peak(url, scan_bodies, args.seconds)
                 peak = scanned["rps"]
                 fastest = max(fastest, peak)
@@ -99,7 +100,7 @@ def main() -> None:
                 for share in shares:
                     rate = share * peak
                     count = int(rate * args.openloop_seconds) + 1
-                    write_bodies(bodies, next_id, count)
+                    write_bodies(bodies, next_id, count, args.ids)
                     next_id += count
                     result = run_openloop(generator, port, bodies, rate, args.openloop_seconds)
                     run = {"share": share, "rate": round(rate), **{k: result[k] for k in ("p50_ms", "p99_ms", "max_ms", "generator_lag_p99_ms")},
