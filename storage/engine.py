@@ -56,6 +56,16 @@ def make_engine(url: str | URL, *, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> En
     )
 
 
+# For a connection that only the writer uses (it is never handed to a reader): its statement
+# journals (each statement's changed pages, kept to undo that statement alone) stay in memory.
+# SQLite spills one past 64 KiB to a temporary file, created and deleted in every such
+# transaction; a batch of 16 webhooks with random ids changes about 4 pages each (3 of them
+# index leaves), so every batch did, with a write per page changed (bench/RESULTS.md, session
+# 18). Memory: what one statement changes, a few MB at the largest batch. A reader's
+# connection keeps files: a report's sort of a large ledger must not grow the process.
+SQLITE_WRITER_SETUP = "PRAGMA temp_store=MEMORY"
+
+
 def _sqlite_engine(url: URL, busy_timeout_ms: int) -> Engine:
     engine = create_engine(
         url,

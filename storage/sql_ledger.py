@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.batch import Outcome
 from storage.delta_row import LOCKS_DELTAS
-from storage.engine import make_engine
+from storage.engine import SQLITE_WRITER_SETUP, make_engine
 from storage.errors import SchemaNotCurrent, StorageUnavailable
 from storage.group_commit import GroupCommitWriter, Job, commit_jobs, resolve_all, wait_within
 from storage.ledger import Work
@@ -122,7 +122,7 @@ class SqlLedger:
         self._writer.close()
         with self._kept_lock:
             for connection in self._kept_connections:
-                connection.close()
+                _discard(connection)
             self._kept_connections.clear()
         self.engine.dispose()
 
@@ -133,6 +133,8 @@ class SqlLedger:
         connection: Connection | None = getattr(self._kept, "connection", None)
         if connection is None or connection.closed:
             connection = self._kept.connection = self._writer_engine.connect()
+            # on the driver's connection: through SQLAlchemy it would begin a transaction
+            connection.connection.driver_connection.execute(SQLITE_WRITER_SETUP)  # type: ignore[union-attr]
             with self._kept_lock:
                 self._kept_connections.append(connection)
         return self._write_sessions(bind=connection)
@@ -145,8 +147,7 @@ class SqlLedger:
             with self._kept_lock:
                 if connection in self._kept_connections:  # close() may have closed it already
                     self._kept_connections.remove(connection)
-            with contextlib.suppress(SQLAlchemyError):
-                connection.close()
+            _discard(connection)
 
     def _commit_batch(self, batch: list[Job]) -> None:
         jobs = [job for job in batch if job.start()]  # cancelled: nothing to do
@@ -181,6 +182,14 @@ class SqlLedger:
             return True
         resolve_all((job, error, result) for job, (error, result) in zip(jobs, outcomes, strict=True))  # only now: committed
         return True
+
+
+def _discard(connection: Connection) -> None:
+    """A writer's kept connection closed for good, never given back to the pool: it carries
+    SQLITE_WRITER_SETUP, which a reader's connection must not."""
+    with contextlib.suppress(SQLAlchemyError):
+        connection.invalidate()
+        connection.close()
 
 
 class _BatchRefused(Exception):

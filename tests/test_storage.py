@@ -4,6 +4,7 @@ exactly-once events, idempotent discrepancies, migrations, group commit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sqlite3
 import threading
@@ -461,6 +462,30 @@ def test_sqlite_is_durable_on_commit(tmp_path) -> None:
     finally:
         ledger.close()
     assert pragmas == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 5000}
+
+
+def _temp_store(session: LedgerSession) -> int:
+    return session._session.connection().exec_driver_sql("PRAGMA temp_store").scalar()
+
+
+def test_sqlite_writer_keeps_statement_journals_in_memory_and_readers_do_not(tmp_path) -> None:
+    """The writer's connections (its thread's, and commit_here's caller's) hold statement
+    journals in memory (no temporary file per batch); a reader's, and any connection a
+    reader may get after the writer dropped its own, keep SQLite's default (files)."""
+    ledger = SqlLedger.from_url(migrated_sqlite_url(tmp_path / "t.db"))
+    try:
+        assert ledger.transact_sync(_temp_store) == 2  # MEMORY
+        [(error, in_commit_here)] = ledger.commit_here([_temp_store])
+        assert error is None and in_commit_here == 2
+        assert ledger.read_sync(_temp_store) == 0  # DEFAULT
+        ledger._drop_kept_connection()  # as after a failed commit: this thread's kept connection goes
+        with contextlib.ExitStack() as stack:  # more than the pool keeps: each may be the dropped one
+            connections = [stack.enter_context(ledger.engine.connect()) for _ in range(8)]
+            assert [c.exec_driver_sql("PRAGMA temp_store").scalar() for c in connections] == [0] * 8
+        [(error, again)] = ledger.commit_here([_temp_store])  # a new kept connection, set up again
+        assert error is None and again == 2
+    finally:
+        ledger.close()
 
 
 def test_a_closed_ledger_refuses_work(tmp_path) -> None:
