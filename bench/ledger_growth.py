@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ingest import IDS, body_ids  # noqa: E402,I001  (bench/ is the script's own directory)
 from reconciler.apply import RecordEvent  # noqa: E402
 from reconciler.events import parse_event  # noqa: E402
-from storage.engine import make_engine  # noqa: E402
-from storage.schema import upgrade_to_head  # noqa: E402
 from storage.sql_ledger import SqlLedger  # noqa: E402
+from tests.conftest import migrated_sqlite_url  # noqa: E402
 from tests.webhooks import envelope  # noqa: E402
 
 
@@ -69,11 +68,7 @@ def main() -> None:
         event.listen(Engine, "connect", extra_settings)
     work = Path(tempfile.mkdtemp(prefix="pacrecon-ledger-growth-"))
     try:
-        url = f"sqlite:///{work / 'ledger.db'}"
-        engine = make_engine(url)
-        upgrade_to_head(engine)
-        engine.dispose()
-        ledger = SqlLedger.from_url(url)
+        ledger = SqlLedger.from_url(migrated_sqlite_url(work / "ledger.db"))
         rows = 0
         while rows < args.rows:
             prepared = [events(rows + start, args.batch, args.ids) for start in range(0, args.segment, args.batch)]
