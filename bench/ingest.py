@@ -107,8 +107,8 @@ def wait_ready(url: str) -> None:
 # and an anchor id of 16 random-looking hex digits and a receipt id of a 32-byte hash, so each
 # new event lands at a random place in the ledger's unique and orphan indexes. "sequential":
 # ids that count up (every insert at the indexes' right edge), what this bench used until
-# session 18: 2.3-3.3x less of the writer's CPU per event than random ids on ledgers of
-# 0.1-1 M rows (RESULTS.md), so it measured an easier load than a real one.
+# session 18: 2.4-3.1x less of the writer's CPU per event than random ids on ledgers of
+# 0.1-1 M rows (RESULTS.md, session 18's table), so it measured an easier load than a real one.
 IDS = ("random", "sequential")
 
 

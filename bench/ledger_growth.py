@@ -12,8 +12,8 @@ the database and its WAL. The events are built before each segment is timed.
 
 --batch is the events per commit (16 by default: about what the writer commits at 80 % of
 the peak, RESULTS.md session 16). --pragma (repeatable) runs a statement on every connection
-the ledger opens (before the ledger's own settings, which win where both set one): to try a setting before it goes into
-`storage.engine`, e.g. --pragma "PRAGMA mmap_size=268435456".
+the ledger opens, before the ledger's own settings (which win where both set one): to try a
+setting before it goes into `storage.engine`, e.g. --pragma "PRAGMA wal_autocheckpoint=4000".
 """
 
 from __future__ import annotations

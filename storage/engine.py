@@ -61,8 +61,9 @@ def make_engine(url: str | URL, *, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> En
 # SQLite spills one past 64 KiB to a temporary file, created and deleted in every such
 # transaction; a batch of 16 webhooks with random ids changes about 4 pages each (3 of them
 # index leaves), so every batch did, with a write per page changed (bench/RESULTS.md, session
-# 18). Memory: what one statement changes, a few MB at the largest batch. A reader's
-# connection keeps files: a report's sort of a large ledger must not grow the process.
+# 18). Memory: what one statement changes, reckoned at about 4 MB for the largest batch (256
+# events x 4 pages x 4 KiB; not measured). A reader's connection keeps files: a report's sort
+# of a large ledger must not grow the process.
 SQLITE_WRITER_SETUP = "PRAGMA temp_store=MEMORY"
 
 
