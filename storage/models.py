@@ -16,6 +16,11 @@ from storage.vocabulary import DiscrepancyStatus, UNSETTLED_STATUSES
 # when the query's WHERE visibly implies the index's, and bound parameters do not.
 UNSETTLED_PREDICATE = text("status IN (%s)" % ", ".join(f"'{s.value}'" for s in UNSETTLED_STATUSES))
 ORPHAN_PREDICATE = text("outcome = 'orphan'")
+# An orphan is matched by its anchor id when it names one, else by its item hash, else by its
+# receipt id (reconciler.apply.matching_deltas), so it is indexed under that key alone: with
+# random ids, each index entry of a new event is one more page written at its commit.
+UNANCHORED_ORPHAN_PREDICATE = text("outcome = 'orphan' AND anchor_id IS NULL")
+RECEIPT_ONLY_ORPHAN_PREDICATE = text("outcome = 'orphan' AND anchor_id IS NULL AND item_hash IS NULL")
 VERIFIED_LAG_PREDICATE = text("verification_lag_ms IS NOT NULL")
 NUMBERED_PREDICATE = text("sequence_number IS NOT NULL")
 _OPEN_SQL = text(f"status = '{DiscrepancyStatus.OPEN.value}'")
@@ -123,8 +128,18 @@ class WebhookEvent(SQLModel, table=True):
     __tablename__ = "webhook_event"
     __table_args__ = (
         Index("ix_webhook_event_orphan_anchor", "anchor_id", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
-        Index("ix_webhook_event_orphan_item", "item_hash", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
-        Index("ix_webhook_event_orphan_receipt", "receipt_id", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
+        Index(
+            "ix_webhook_event_orphan_item_unanchored",
+            "item_hash",
+            sqlite_where=UNANCHORED_ORPHAN_PREDICATE,
+            postgresql_where=UNANCHORED_ORPHAN_PREDICATE,
+        ),
+        Index(
+            "ix_webhook_event_orphan_receipt_only",
+            "receipt_id",
+            sqlite_where=RECEIPT_ONLY_ORPHAN_PREDICATE,
+            postgresql_where=RECEIPT_ONLY_ORPHAN_PREDICATE,
+        ),
         Index("ix_webhook_event_orphan_age", "received_at", sqlite_where=ORPHAN_PREDICATE, postgresql_where=ORPHAN_PREDICATE),
     )
 

@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from storage.delta_row import locks_deltas
 from storage.models import (
     ORPHAN_PREDICATE,
+    RECEIPT_ONLY_ORPHAN_PREDICATE,
+    UNANCHORED_ORPHAN_PREDICATE,
     UNSETTLED_PREDICATE,
     AuditEntry,
     Discrepancy,
@@ -207,16 +209,19 @@ class LedgerSession:
         return self._session.scalars(select(WebhookEvent).where(WebhookEvent.event_id == event_id)).first()
 
     def orphan_events_for(self, delta: LocalDelta) -> list[WebhookEvent]:
-        """Orphan events that name this delta's anchor id, item hash or receipt id, oldest first."""
+        """Orphan events this delta may match, oldest first: those naming its anchor id, those
+        naming no anchor but its item hash, and those naming neither but its receipt id. An
+        orphan is matched by the first key it names of the three (reconciler.apply.matching_deltas):
+        one naming another anchor does not match this delta, whatever its hash or receipt."""
         found: dict[int, WebhookEvent] = {}
         # one index-backed query per key: an OR across three partial indexes is a scan
-        for column, value in (
-            (WebhookEvent.anchor_id, delta.anchor_id),
-            (WebhookEvent.item_hash, delta.item_hash),
-            (WebhookEvent.receipt_id, delta.receipt_id),
+        for column, value, orphans in (
+            (WebhookEvent.anchor_id, delta.anchor_id, ORPHAN_PREDICATE),
+            (WebhookEvent.item_hash, delta.item_hash, UNANCHORED_ORPHAN_PREDICATE),
+            (WebhookEvent.receipt_id, delta.receipt_id, RECEIPT_ONLY_ORPHAN_PREDICATE),
         ):
             if value:
-                statement = select(WebhookEvent).where(ORPHAN_PREDICATE, column == value)
+                statement = select(WebhookEvent).where(orphans, column == value)
                 found.update((event.id, event) for event in self._session.scalars(statement) if event.id is not None)
         return [found[key] for key in sorted(found)]
 

@@ -164,6 +164,25 @@ def test_an_event_before_its_delta_is_an_orphan_until_the_delta_is_recorded(ledg
     assert stored is not None and stored.outcome == "applied"
 
 
+@pytest.mark.parametrize(
+    ("data", "matched"),
+    [
+        ({}, True),  # by its anchor
+        ({"recordId": None, "itemHash": H("item1"), "receiptId": H("another")}, True),  # no anchor: by item hash
+        ({"recordId": None}, True),  # neither: by receipt
+        ({"recordId": "a_other", "itemHash": H("item1")}, False),  # another anchor: not by its hash or receipt
+        ({"recordId": None, "itemHash": H("another")}, False),  # another hash: not by its receipt
+    ],
+)
+def test_an_orphan_is_matched_by_the_first_key_it_names(ledger: SqlLedger, data: dict[str, Any], matched: bool) -> None:
+    # the order of reconciler.apply.matching_deltas, which the orphan indexes follow (storage.models)
+    body = verified(1, **data)
+    assert receive(ledger, body).outcome is EventOutcome.ORPHAN
+    register(ledger, local(1))
+    stored = ledger.read_sync(lambda s: s.get_event(body["id"]))
+    assert stored is not None and (stored.outcome != "orphan") is matched, stored.outcome
+
+
 def test_a_batch_anchor_is_matched_item_by_item(ledger: SqlLedger) -> None:
     items = [local(n, anchor_id="a_batch", receipt_id=BATCH_ROOT, items_root=BATCH_ROOT) for n in (1, 2, 3)]
     ids = register(ledger, *items)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sqlite3
 import threading
@@ -29,7 +30,7 @@ from storage.schema import alembic_config, current_revision, head_revision
 from storage.session import LedgerSession
 from storage.sql_ledger import SqlLedger
 from storage.vocabulary import DeltaStatus, DiscrepancyKind
-from tests.conftest import migrated_sqlite_url
+from tests.conftest import BACKENDS, POSTGRES_ENV, migrated_sqlite_url, postgres_database
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -435,6 +436,64 @@ def test_migrations_build_exactly_the_models(database_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), SQLModel.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_migrated_partial_indexes_hold_the_rows_the_models_say(tmp_path: Path) -> None:
+    # compare_metadata matches indexes by name and columns, not by their WHERE: a migration
+    # with another predicate than the model's would pass it and index other rows
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateIndex
+
+    partial = [index for table in SQLModel.metadata.sorted_tables for index in table.indexes
+               if index.dialect_options["sqlite"]["where"] is not None]
+    assert {"ix_webhook_event_orphan_item_unanchored", "ix_webhook_event_orphan_receipt_only"} <= {i.name for i in partial}
+    path = tmp_path / "partial.db"
+    migrated_sqlite_url(path)
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        built = dict(connection.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+    for index in partial:
+        assert built[index.name] == str(CreateIndex(index).compile(dialect=sqlite.dialect())).strip(), index.name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_orphan_indexes_migrate_down_and_up_with_orphans_in_them(backend: str, tmp_path: Path) -> None:
+    """0008 rebuilds the item-hash and receipt orphan indexes on rows already there, and
+    undoes that: the orphans are found by the keys they are matched by, before and after."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    def orphan(n: int, anchor_id: str | None, item_hash: str | None) -> dict[str, object]:
+        return dict(event_id=f"evt_{n}", event_type="delta.verified", raw_body=b"{}", signature_timestamp=0,
+                    received_at=datetime(2026, 12, 6, tzinfo=UTC), outcome="orphan", anchor_id=anchor_id,
+                    item_hash=item_hash, receipt_id="0xr")
+
+    def found(ledger: SqlLedger, delta: LocalDelta) -> list[str]:
+        return [e.event_id for e in ledger.read_sync(lambda s: s.orphan_events_for(delta))]
+
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = migrated_sqlite_url(tmp_path / "orphans.db")
+        else:
+            url = stack.enter_context(postgres_database(os.environ[POSTGRES_ENV], prefix="pacrecon_test_0008"))
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        command.downgrade(alembic_config(engine), "0007")
+        with engine.begin() as connection:
+            connection.execute(WebhookEvent.__table__.insert(), [orphan(1, "a_1", "0xh"), orphan(2, None, "0xh"), orphan(3, None, None)])
+        new = {"ix_webhook_event_orphan_item_unanchored", "ix_webhook_event_orphan_receipt_only"}
+        old = {"ix_webhook_event_orphan_item", "ix_webhook_event_orphan_receipt"}
+        for revision, indexes in (("head", new), ("0007", old), ("head", new)):
+            (command.upgrade if revision == "head" else command.downgrade)(alembic_config(engine), revision)
+            names = {i["name"] for i in inspect(engine).get_indexes("webhook_event")}
+            assert names & (new | old) == indexes, names
+            if revision == "head":
+                ledger = SqlLedger.from_url(url)
+                try:
+                    assert found(ledger, LocalDelta(anchor_id="a_1")) == ["evt_1"]
+                    assert found(ledger, LocalDelta(item_hash="0xh")) == ["evt_2"]
+                    assert found(ledger, LocalDelta(receipt_id="0xr")) == ["evt_3"]
+                finally:
+                    ledger.close()
 
 
 def test_check_schema_refuses_a_schema_behind_head(tmp_path) -> None:
