@@ -3,13 +3,19 @@
 An orphan event is matched to a delta by its anchor id when it names one, else by its item
 hash, else by its receipt id (reconciler.apply.matching_deltas). The item-hash and receipt
 indexes held every orphan, so a PacSpace `delta.verified` (which names an anchor and a
-receipt) wrote an entry to both that no lookup could use: with random ids, a page per entry
-at each commit (bench/RESULTS.md, session 19). They now hold the orphans matched by that key
-alone. The anchor and age indexes are unchanged.
+receipt) wrote an entry to the receipt index (and one to the item-hash index, under NULL when
+it names no hash) that no lookup could use: with random ids, a page per entry at each commit
+(bench/RESULTS.md, session 19). They now hold the orphans matched by that key alone. The
+anchor and age indexes are unchanged.
 
-The new indexes are built before the old ones are dropped, in the migration's transaction.
-On PostgreSQL, writes to webhook_event wait for the build (a scan of the orphans): a webhook
-that waits past the engine's lock_timeout is answered 503 and delivered again.
+On PostgreSQL the migration first takes webhook_event alone in ACCESS EXCLUSIVE mode, as 0007
+does: taking a lock that strong only after the index builds (for the drops) could deadlock
+with a transaction that read the table before and writes it after (matching orphans does).
+Until the migration commits, readers and writers of webhook_event wait; one that waits past
+the engine's lock_timeout fails (a webhook is answered 503 and delivered again). Each new
+index is built by a scan of the whole table, on both databases, within the engine's
+statement_timeout (30 s on PostgreSQL): a ledger too big for that fails the migration, which
+then rolls back whole.
 
 Revision ID: 0008
 Revises: 0007
@@ -39,6 +45,8 @@ NEW = [
 
 
 def _swap(build: list[tuple[str, str, sa.TextClause]], drop: list[tuple[str, str, sa.TextClause]]) -> None:
+    if op.get_bind().dialect.name != 'sqlite':
+        op.execute("LOCK TABLE webhook_event IN ACCESS EXCLUSIVE MODE")
     for name, column, predicate in build:
         op.create_index(name, 'webhook_event', [column], unique=False, sqlite_where=predicate, postgresql_where=predicate)
     for name, _, _ in drop:
